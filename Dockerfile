@@ -1,0 +1,56 @@
+# taskd container image: the broker (taskd), the worker (taskworker) and the CLI (taskctl).
+#
+# One Dockerfile, two ways to get the binaries:
+#
+#   docker build -t taskd:latest .
+#       default target `runtime`: builds the binaries in rust:1-bookworm (needs a registry).
+#
+#   mkdir -p dist && cp target/release/{taskd,taskworker,taskctl} dist/
+#   docker build --target runtime-prebuilt --build-arg BIN_DIR=dist -t taskd:latest .
+#       target `runtime-prebuilt`: copies binaries built on a glibc >= 2.36 (bookworm) host from
+#       the build context; nothing is pulled when BASE_IMAGE is a local image (deploy/ does this).
+#
+# The base image is a build argument (default debian:bookworm-slim); deploy/base-image.sh makes a
+# local one (taskd-base:bookworm) for machines without a registry. The binaries need only glibc,
+# which every Debian base has, so the runtime stages install nothing.
+#
+# Stage order matters: the classic (non-BuildKit) builder builds every stage up to the target, so
+# runtime-prebuilt comes before the builder stage and never touches the Rust image.
+
+ARG BASE_IMAGE=debian:bookworm-slim
+
+# ---- common runtime layer: user, data dir, defaults -------------------------------------------
+FROM ${BASE_IMAGE} AS base
+RUN groupadd --system --gid 10001 taskd \
+    && useradd --system --uid 10001 --gid taskd --home-dir /var/lib/taskd --no-create-home \
+        --shell /usr/sbin/nologin taskd \
+    && mkdir -p /var/lib/taskd \
+    && chown taskd:taskd /var/lib/taskd \
+    && chmod 0750 /var/lib/taskd
+ENV TASKD_LISTEN=0.0.0.0:50051 \
+    TASKD_DATA_DIR=/var/lib/taskd
+VOLUME ["/var/lib/taskd"]
+WORKDIR /var/lib/taskd
+EXPOSE 50051
+USER taskd:taskd
+CMD ["taskd"]
+
+# ---- runtime from binaries built outside Docker (CI, machines without a registry) --------------
+FROM base AS runtime-prebuilt
+ARG BIN_DIR=dist
+COPY ${BIN_DIR}/taskd ${BIN_DIR}/taskworker ${BIN_DIR}/taskctl /usr/local/bin/
+
+# ---- builder: release binaries in the official Rust image --------------------------------------
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked \
+        -p taskd-server --bin taskd \
+        -p taskd-worker --bin taskworker \
+        -p taskd-client --bin taskctl \
+    && mkdir -p /out \
+    && cp target/release/taskd target/release/taskworker target/release/taskctl /out/
+
+# ---- runtime built from source (the default target) --------------------------------------------
+FROM base AS runtime
+COPY --from=builder /out/ /usr/local/bin/
