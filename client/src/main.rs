@@ -1,1 +1,2 @@
+//! `taskctl`: the command-line client of taskd.
 fn main() {}
