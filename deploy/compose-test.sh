@@ -52,9 +52,14 @@ fi
 compose() { "${COMPOSE_CMD[@]}" -p "$PROJECT" -f "$ROOT/docker-compose.yml" "$@"; }
 
 # ---- teardown, also on failure and on timeout --------------------------------------------------
+# A trap can fire while a command's output is redirected to a log; fds 3 and 4 keep the real ones.
+exec 3>&1 4>&2
 teardown() {
     local rc=$?
-    trap - EXIT INT TERM
+    exec 1>&3 2>&4
+    # Finish the teardown even when the timeout's TERM arrives now (KILL comes 60 s later).
+    trap - EXIT
+    trap '' INT TERM
     if [ "$rc" -ne 0 ] || [ "$FAILED" -ne 0 ]; then
         say "failed (exit $rc); last logs of the stack:"
         compose logs --no-color --tail 40 2>&1 | sed 's/^/  | /' || true
@@ -77,7 +82,7 @@ teardown() {
     exit "$rc"
 }
 trap teardown EXIT
-trap 'say "interrupted (timeout?)"; exit 124' INT TERM
+trap 'say "interrupted (timeout?)" >&3; exit 124' INT TERM
 
 # ---- the host's taskctl, with the token --------------------------------------------------------
 for bin in taskd taskworker taskctl; do
