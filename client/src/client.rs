@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::stream::{BoxStream, StreamExt};
 use prost::Message;
 use taskd_proto::pb;
 use taskd_proto::pb::task_service_client::TaskServiceClient;
@@ -354,7 +354,7 @@ impl Client {
         &self,
         ids: &[Uuid],
         queues: &[String],
-    ) -> Result<impl Stream<Item = Result<pb::Task>> + Send + 'static + use<>> {
+    ) -> Result<BoxStream<'static, Result<pb::Task>>> {
         let request = pb::WatchRequest {
             add_ids: ids.iter().map(Uuid::to_string).collect(),
             add_queues: queues.to_vec(),
@@ -407,7 +407,8 @@ impl Client {
                     }
                 }
             },
-        ))
+        )
+        .boxed())
     }
 }
 

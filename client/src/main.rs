@@ -1,2 +1,7 @@
-//! `taskctl`: the command-line client of taskd.
-fn main() {}
+//! `taskctl`: the command-line client of taskd. See `taskctl --help`.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}
