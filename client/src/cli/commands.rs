@@ -29,18 +29,18 @@ pub(crate) async fn run(cli: Cli) -> Result<u8, CliError> {
     };
     let json = cli.json;
     match cli.command {
-        Command::Submit(a) => submit(&client, json, a).await,
-        Command::Exec(a) => exec(&client, json, a).await,
-        Command::Map(a) => map(&client, json, a).await,
-        Command::Get(a) => get(&client, json, a).await,
-        Command::Wait(a) => wait(&client, json, a).await,
-        Command::Cancel(a) => cancel(&client, json, a).await,
-        Command::Ls(a) => ls(&client, json, a).await,
-        Command::Watch(a) => watch(&client, json, a).await,
-        Command::Retry(a) => retry(&client, json, a).await,
-        Command::Queues => queues(&client, json).await,
-        Command::Workers => workers(&client, json).await,
-        Command::Health(a) => health(&client, json, a).await,
+        Command::Submit(a) => submit(client, json, a).await,
+        Command::Exec(a) => exec(client, json, a).await,
+        Command::Map(a) => map(client, json, a).await,
+        Command::Get(a) => get(client, json, a).await,
+        Command::Wait(a) => wait(client, json, a).await,
+        Command::Cancel(a) => cancel(client, json, a).await,
+        Command::Ls(a) => ls(client, json, a).await,
+        Command::Watch(a) => watch(client, json, a).await,
+        Command::Retry(a) => retry(client, json, a).await,
+        Command::Queues => queues(client, json).await,
+        Command::Workers => workers(client, json).await,
+        Command::Health(a) => health(client, json, a).await,
     }
 }
 
