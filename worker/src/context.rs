@@ -144,6 +144,30 @@ impl TaskContext {
 }
 
 #[cfg(test)]
+impl TaskContext {
+    /// A context for unit tests: task `t-1`, attempt 1, content type `content_type`.
+    pub(crate) fn for_test(content_type: &str, timeout: Option<Duration>) -> Self {
+        TaskContext {
+            info: Arc::new(AttemptInfo {
+                task_id: "t-1".to_string(),
+                attempt: 1,
+                queue: "default".to_string(),
+                name: "test".to_string(),
+                content_type: content_type.to_string(),
+                max_attempts: 1,
+                timeout,
+                control: Control::default(),
+            }),
+        }
+    }
+
+    /// Stops the attempt as the worker would.
+    pub(crate) fn stop_for_test(&self, reason: CancelReason) {
+        self.info.control.stop(reason);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

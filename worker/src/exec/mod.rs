@@ -364,3 +364,6 @@ async fn sleep_opt(limit: Option<Duration>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;
