@@ -166,7 +166,13 @@ where
     };
     tokio::select! {
         biased;
-        result = &mut fut => return Verdict::Done(result),
+        result = &mut fut => {
+            // A handler that returns because its token fired was stopped, whatever it returns.
+            return match info.control.reason() {
+                None => Verdict::Done(result),
+                Some(reason) => Verdict::Stopped { reason, late: Some(result) },
+            };
+        }
         _ = token.cancelled() => {}
         _ = timeout => info.control.stop(CancelReason::Timeout),
     }
