@@ -1,1 +1,45 @@
-//! placeholder
+//! taskd-server: the broker library behind the `taskd` binary.
+//!
+//! # Layers
+//! - [`core`]: the task state machine, dispatch, leases, timers and watchers, in memory, with
+//!   no gRPC and no sled. One std mutex guards the state; critical sections are short and
+//!   never await.
+//! - [`store`]: durable records behind the narrow [`store::Store`] trait (sled today), and the
+//!   group [`store::committer::Committer`]: one writer thread, one batch and one flush (plus
+//!   fdatasync with `--sync fsync`) per group, acknowledgements only after it.
+//! - [`api`]: thin tonic services that validate input, call the core and map errors once.
+//! - [`server::run`]: wires them, serves health and reflection, shuts down gracefully.
+//!
+//! # Writes
+//! Per task: the submit (awaited before the client's ack), the assignment (write-behind: the
+//! task may reach its worker before the flush), the outcome (awaited before the worker's ack
+//! and before any watcher or long-poll hears of it). A failed flush poisons the committer: no
+//! later write is acknowledged, and the broker must be restarted.
+//!
+//! # Fencing and recovery
+//! A (task, attempt) pair is held by at most one worker. The attempt number grows at each
+//! dispatch; outcomes are accepted only for the current attempt of a RUNNING task; a repeat of
+//! an outcome already recorded is acknowledged again; anything else is rejected as stale.
+//!
+//! At start every record is loaded and the indexes rebuilt (health NOT_SERVING meanwhile):
+//! - RUNNING tasks stay leased to their worker, which has the grace period to reconnect and
+//!   claim them in `Hello.held` (kept when the attempt and worker id match); after the grace
+//!   they are requeued, or failed with `lease_expired` when their attempts are used up.
+//! - A task may have been dispatched before the crash while its assignment write was lost:
+//!   the record then shows the previous attempt `a` (QUEUED, or RUNNING at `a`). Such recovered
+//!   tasks accept a claim (or outcome) of exactly `a + 1` until they are dispatched again, and
+//!   their next dispatch uses `a + 2`, so the late holder of `a + 1` can never collide with a
+//!   new holder. This assumes one assignment's write-behind is flushed before that
+//!   assignment's lease could expire (writes are flushed within milliseconds, leases last
+//!   seconds).
+//! - Attempts are counted by the attempts that started (the `attempts` history), not by the
+//!   attempt number, so a skipped number costs no attempt.
+
+pub mod api;
+pub mod config;
+pub mod core;
+pub mod server;
+pub mod store;
+
+pub use config::{Config, SyncMode};
+pub use server::{ServerError, run, run_with_ready};

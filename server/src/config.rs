@@ -1,0 +1,129 @@
+//! Broker settings, validated once ([`Config::validate`]) and shared by every layer.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How an acknowledged write is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// sled flush, then `fdatasync` of the data file: survives power loss. The default.
+    Fsync,
+    /// sled flush only: survives a process crash, not a power cut.
+    Flush,
+}
+
+/// Everything `taskd` can be told. [`Config::default`] gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the sled store lives. Defaults to `./taskd-data`.
+    pub data_dir: PathBuf,
+    /// Lease length of an assignment; heartbeats extend it. Defaults to 30 s.
+    pub lease: Duration,
+    /// Heartbeat interval suggested to workers. Defaults to 10 s.
+    pub heartbeat: Duration,
+    /// Grace for a disconnected worker and after a restart. Defaults to 30 s.
+    pub grace: Duration,
+    /// Default max attempts of a task. Defaults to 3.
+    pub max_attempts: u32,
+    /// Default first retry backoff. Defaults to 1 s.
+    pub backoff_initial: Duration,
+    /// Default backoff ceiling. Defaults to 60 s.
+    pub backoff_max: Duration,
+    /// Default time a terminal task is kept. Defaults to 7 days.
+    pub result_ttl: Duration,
+    /// Largest task payload accepted. Defaults to 4 MiB.
+    pub max_payload_bytes: usize,
+    /// Largest task result (success output or error details) accepted. Defaults to 4 MiB.
+    pub max_result_bytes: usize,
+    /// Durability of acknowledged writes. Defaults to [`SyncMode::Fsync`].
+    pub sync: SyncMode,
+    /// Bearer token every RPC must carry (health excepted); `None`: no check.
+    pub token: Option<String>,
+    /// Worker threads to start in-process (wired by `main`, not by [`crate::run`]). Defaults to 0.
+    pub local_workers: u32,
+    /// sled page cache size in bytes. Defaults to 128 MiB.
+    pub cache_capacity: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./taskd-data"),
+            lease: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            grace: Duration::from_secs(30),
+            max_attempts: 3,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            result_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_payload_bytes: 4 * 1024 * 1024,
+            max_result_bytes: 4 * 1024 * 1024,
+            sync: SyncMode::Fsync,
+            token: None,
+            local_workers: 0,
+            cache_capacity: 128 * 1024 * 1024,
+        }
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting}: {reason}")]
+pub struct ConfigError {
+    /// The flag's name.
+    pub setting: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Largest payload or result the broker can be configured to accept (64 MiB).
+pub const MAX_CONFIGURABLE_BYTES: usize = 64 * 1024 * 1024;
+
+impl Config {
+    /// Checks the invariants between settings; returns the config unchanged when they hold.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let err = |setting, reason: &str| ConfigError {
+            setting,
+            reason: reason.to_string(),
+        };
+        if self.lease < Duration::from_millis(100) {
+            return Err(err("--lease", "must be at least 100ms"));
+        }
+        if self.heartbeat.is_zero() || self.heartbeat >= self.lease {
+            return Err(err("--heartbeat", "must be above 0 and below --lease"));
+        }
+        if self.max_attempts == 0 {
+            return Err(err("--max-attempts", "must be at least 1"));
+        }
+        if self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
+            return Err(err(
+                "--backoff-initial/--backoff-max",
+                "initial must be above 0 and at most max",
+            ));
+        }
+        if self.result_ttl < Duration::from_secs(1) {
+            return Err(err("--result-ttl", "must be at least 1s"));
+        }
+        for (name, v) in [
+            ("--max-payload-bytes", self.max_payload_bytes),
+            ("--max-result-bytes", self.max_result_bytes),
+        ] {
+            if v == 0 || v > MAX_CONFIGURABLE_BYTES {
+                return Err(err(name, "must be between 1 and 67108864"));
+            }
+        }
+        if matches!(&self.token, Some(t) if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(err(
+                "--token",
+                "must be non-empty printable ASCII without spaces",
+            ));
+        }
+        Ok(self)
+    }
+
+    /// Largest gRPC message the broker accepts: the bigger limit plus room for the envelope.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_payload_bytes.max(self.max_result_bytes) + 1024 * 1024
+    }
+}

@@ -1,0 +1,463 @@
+//! [`Broker`]: the state machine behind a mutex, glued to the group committer and the timer.
+//!
+//! Every operation follows one pattern: lock, apply the transition (in memory, synchronously),
+//! queue its writes to the committer (under the lock, so write order equals state order),
+//! unlock; then await durability, and only then acknowledge the caller, activate submitted
+//! tasks and notify watchers.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use taskd_proto::pb;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::state::{
+    CloseReason, ConnId, CoreConfig, Effects, NewTask, Now, State, WatchSink, WorkerSink,
+};
+use super::submit::OpError;
+use super::watch::{WatchChange, WatchId};
+use crate::store::committer::{CommitAck, Committer};
+use crate::store::{StoreError, StoredTask, WriteOp};
+
+/// Why a broker operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No such task.
+    #[error("task {0} not found")]
+    NotFound(String),
+    /// The task's state does not allow the operation.
+    #[error("{0}")]
+    Precondition(String),
+    /// The write could not be made durable; nothing was acknowledged.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The broker is shutting down.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+}
+
+impl From<OpError> for BrokerError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::NotFound(id) => BrokerError::NotFound(id),
+            OpError::Precondition(m) => BrokerError::Precondition(m),
+        }
+    }
+}
+
+/// The broker: state, committer, timer.
+pub struct Broker {
+    /// A std mutex on purpose: every critical section is short and synchronous (no await is
+    /// ever held across it; sends inside are non-blocking), which is cheaper than an async
+    /// mutex and keeps the whole state machine consistent under one lock.
+    state: Mutex<State>,
+    committer: Arc<Committer>,
+    timer_wake: Notify,
+    epoch: String,
+    closing: AtomicBool,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl Broker {
+    /// Builds the broker from stored tasks (recovery) with a new epoch.
+    pub fn recover(
+        cfg: CoreConfig,
+        committer: Arc<Committer>,
+        stored: Vec<StoredTask>,
+    ) -> Arc<Broker> {
+        let seed = rand::random::<u64>();
+        let broker = Arc::new(Broker {
+            state: Mutex::new(State::new(cfg, seed)),
+            committer,
+            timer_wake: Notify::new(),
+            epoch: Uuid::new_v4().to_string(),
+            closing: AtomicBool::new(false),
+        });
+        {
+            let now = Now::now();
+            let mut st = broker.lock();
+            let mut eff = Effects::default();
+            st.recover(now, stored, &mut eff);
+            broker.push_background(&mut st, now, eff);
+        }
+        broker
+    }
+
+    /// This run's epoch (a UUID).
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The committer (for shutdown).
+    pub fn committer(&self) -> &Arc<Committer> {
+        &self.committer
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.durable_seq = self.committer.durable().seq;
+        st
+    }
+
+    /// Runs `f` on the locked state (tests and small reads).
+    pub fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.lock())
+    }
+
+    /// Dispatches, then queues the writes of `eff`; returns the commit to await when there
+    /// are awaited writes or `barrier` asks for one anyway.
+    fn push(
+        &self,
+        st: &mut State,
+        now: Now,
+        eff: &mut Effects,
+        barrier: bool,
+    ) -> Option<CommitAck> {
+        st.dispatch(now, eff);
+        if st.timer_dirty {
+            st.timer_dirty = false;
+            self.timer_wake.notify_one();
+        }
+        let mut ops = std::mem::take(&mut eff.behind);
+        if eff.commit.is_empty() && eff.completed.is_empty() && !barrier {
+            if !ops.is_empty() {
+                self.committer.write_behind(ops);
+            }
+            return None;
+        }
+        let touched: Vec<Uuid> = eff
+            .commit
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::State { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        ops.append(&mut eff.commit);
+        let (seq, ack) = self.committer.commit(ops);
+        for id in touched {
+            if let Some(t) = st.tasks.get_mut(&id) {
+                t.commit_seq = seq;
+            }
+        }
+        Some(ack)
+    }
+
+    /// Like [`Broker::push`], with whatever must follow the commit done by a spawned task.
+    fn push_background(self: &Arc<Self>, st: &mut State, now: Now, mut eff: Effects) {
+        if let Some(ack) = self.push(st, now, &mut eff, false) {
+            let this = self.clone();
+            let (completed, activate) = (eff.completed, eff.activate);
+            tokio::spawn(async move {
+                if matches!(ack.await, Ok(Ok(()))) {
+                    this.after_commit(&completed, &activate);
+                }
+            });
+        }
+    }
+
+    /// After a commit: activate submitted tasks, notify watchers of completions, dispatch.
+    fn after_commit(&self, completed: &[Uuid], activate: &[Uuid]) {
+        if completed.is_empty() && activate.is_empty() {
+            return;
+        }
+        let now = Now::now();
+        let mut st = self.lock();
+        st.activate(now, activate);
+        st.notify_completed(completed);
+        let mut eff = Effects::default();
+        st.dispatch(now, &mut eff);
+        if st.timer_dirty {
+            st.timer_dirty = false;
+            self.timer_wake.notify_one();
+        }
+        if !eff.behind.is_empty() {
+            self.committer.write_behind(std::mem::take(&mut eff.behind));
+        }
+    }
+
+    async fn await_commit(ack: Option<CommitAck>) -> Result<(), BrokerError> {
+        match ack {
+            None => Ok(()),
+            Some(ack) => match ack.await {
+                Ok(r) => r.map_err(BrokerError::Store),
+                Err(_) => Err(BrokerError::Store(StoreError::Unavailable(
+                    "writer stopped".into(),
+                ))),
+            },
+        }
+    }
+
+    fn check_open(&self) -> Result<(), BrokerError> {
+        if self.closing.load(Ordering::Relaxed) {
+            return Err(BrokerError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Submits tasks; returns once every created task is durable.
+    pub async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<pb::SubmitResult>, BrokerError> {
+        self.check_open()?;
+        let now = Now::now();
+        let (results, ack, activate) = {
+            let mut st = self.lock();
+            let mut eff = Effects::default();
+            let results = st.submit(now, tasks, &mut eff);
+            let ack = self.push(&mut st, now, &mut eff, true);
+            (results, ack, eff.activate)
+        };
+        match Self::await_commit(ack).await {
+            Ok(()) => {
+                self.after_commit(&[], &activate);
+                Ok(results)
+            }
+            Err(e) => {
+                self.lock().abort_submit(&activate);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads a task; with `wait`, waits up to it for the task to become terminal.
+    pub async fn get(&self, id: Uuid, wait: Option<Duration>) -> Result<pb::Task, BrokerError> {
+        let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        loop {
+            let (task, seq, waiter) = {
+                let mut st = self.lock();
+                let t = st
+                    .tasks
+                    .get(&id)
+                    .ok_or_else(|| BrokerError::NotFound(id.to_string()))?;
+                let terminal = t.state().is_terminal();
+                let (task, seq) = (t.to_pb(false), t.commit_seq);
+                let waiter = match deadline {
+                    Some(d) if !terminal && d > tokio::time::Instant::now() => {
+                        Some(st.add_waiter(id))
+                    }
+                    _ => None,
+                };
+                (task, seq, waiter)
+            };
+            self.committer.wait_durable(seq).await?;
+            let (Some(waiter), Some(deadline)) = (waiter, deadline) else {
+                return Ok(task);
+            };
+            if tokio::time::timeout_at(deadline, waiter).await.is_err() {
+                // The wait ended: answer with the task as it is now.
+                let (task, seq) = {
+                    let st = self.lock();
+                    let t = st
+                        .tasks
+                        .get(&id)
+                        .ok_or_else(|| BrokerError::NotFound(id.to_string()))?;
+                    (t.to_pb(false), t.commit_seq)
+                };
+                self.committer.wait_durable(seq).await?;
+                return Ok(task);
+            }
+        }
+    }
+
+    /// Cancels tasks (see [`State::cancel`]).
+    pub async fn cancel(
+        &self,
+        ids: Vec<Uuid>,
+        reason: String,
+    ) -> Result<Vec<pb::CancelResult>, BrokerError> {
+        self.check_open()?;
+        let now = Now::now();
+        let (results, ack, completed) = {
+            let mut st = self.lock();
+            let mut eff = Effects::default();
+            let results = st.cancel(now, &ids, &reason, &mut eff)?;
+            let ack = self.push(&mut st, now, &mut eff, true);
+            (results, ack, eff.completed)
+        };
+        Self::await_commit(ack).await?;
+        self.after_commit(&completed, &[]);
+        Ok(results)
+    }
+
+    /// Retries a FAILED or CANCELLED task as a new, linked task.
+    pub async fn retry(&self, id: Uuid) -> Result<pb::Task, BrokerError> {
+        self.check_open()?;
+        let now = Now::now();
+        let (task, ack, activate) = {
+            let mut st = self.lock();
+            let mut eff = Effects::default();
+            let (task, _) = st.retry(now, id, Uuid::now_v7(), &mut eff)?;
+            let ack = self.push(&mut st, now, &mut eff, true);
+            (task, ack, eff.activate)
+        };
+        Self::await_commit(ack).await?;
+        self.after_commit(&[], &activate);
+        Ok(task)
+    }
+
+    /// A page of tasks (see [`State::list`]).
+    pub async fn list_tasks(
+        &self,
+        queue: &str,
+        state: Option<pb::TaskState>,
+        limit: usize,
+        cursor: Option<Uuid>,
+    ) -> Result<pb::ListTasksResponse, BrokerError> {
+        let page = self.lock().list(queue, state, limit, cursor);
+        self.committer.wait_durable(page.commit_seq).await?;
+        Ok(pb::ListTasksResponse {
+            tasks: page.tasks,
+            next_cursor: page.next_cursor,
+        })
+    }
+
+    /// Queue depths.
+    pub fn list_queues(&self) -> Vec<pb::QueueInfo> {
+        self.lock().list_queues()
+    }
+
+    /// Workers.
+    pub fn list_workers(&self) -> Vec<pb::WorkerInfo> {
+        self.lock().list_workers()
+    }
+
+    /// A worker said hello: registers it, sends the reply (on `sink`) and its first tasks.
+    pub fn worker_connect(
+        self: &Arc<Self>,
+        hello: pb::Hello,
+        peer: String,
+        sink: Arc<dyn WorkerSink>,
+    ) -> Result<ConnId, BrokerError> {
+        self.check_open()?;
+        let now = Now::now();
+        let mut st = self.lock();
+        let mut eff = Effects::default();
+        let c = st.connect(now, hello, peer, sink, &self.epoch, &mut eff);
+        self.push_background(&mut st, now, eff);
+        Ok(c.conn)
+    }
+
+    /// A worker added credits.
+    pub fn worker_credits(self: &Arc<Self>, conn: ConnId, credits: u32) {
+        let now = Now::now();
+        let mut st = self.lock();
+        st.add_credits(conn, credits);
+        self.push_background(&mut st, now, Effects::default());
+    }
+
+    /// A worker heartbeat: extends its leases, revokes those it no longer holds.
+    pub fn worker_heartbeat(&self, conn: ConnId, running: &[pb::LeaseRef]) {
+        let now = Now::now();
+        let mut st = self.lock();
+        let revoked = st.heartbeat(now, conn, running);
+        if !revoked.is_empty() {
+            if let Some(sink) = st.workers.get(&conn).and_then(|w| w.sink.as_ref()) {
+                sink.send(pb::BrokerMessage {
+                    revoked,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
+    /// Outcomes (and the credits they free) from a worker. Applied at once; the returned
+    /// future resolves to the acks once the outcomes are durable (and watchers notified).
+    pub fn worker_outcomes(
+        self: &Arc<Self>,
+        conn: ConnId,
+        outcomes: Vec<pb::WorkerOutcome>,
+        credits: u32,
+    ) -> impl Future<Output = Result<Vec<pb::OutcomeAck>, BrokerError>> + Send + 'static {
+        let now = Now::now();
+        let (acks, ack, completed) = {
+            let mut st = self.lock();
+            let mut eff = Effects::default();
+            let acks = st.outcomes(now, conn, outcomes, &mut eff);
+            st.add_credits(conn, credits);
+            let ack = self.push(&mut st, now, &mut eff, true);
+            (acks, ack, eff.completed)
+        };
+        let this = self.clone();
+        async move {
+            Self::await_commit(ack).await?;
+            this.after_commit(&completed, &[]);
+            Ok(acks)
+        }
+    }
+
+    /// A worker's stream ended.
+    pub fn worker_disconnect(&self, conn: ConnId) {
+        let now = Now::now();
+        let mut st = self.lock();
+        st.disconnect(now, conn);
+        if st.timer_dirty {
+            st.timer_dirty = false;
+            self.timer_wake.notify_one();
+        }
+    }
+
+    /// Opens a watch stream.
+    pub fn watch_open(&self, sink: Arc<dyn WatchSink>) -> Result<WatchId, BrokerError> {
+        self.check_open()?;
+        Ok(self.lock().watch_open(sink))
+    }
+
+    /// Applies a watcher's change.
+    pub fn watch_change(&self, wid: WatchId, change: WatchChange) {
+        self.lock().watch_change(wid, change);
+    }
+
+    /// Closes a watch stream.
+    pub fn watch_close(&self, wid: WatchId) {
+        self.lock().watch_close(wid);
+    }
+
+    /// Drives the timers until `stop`.
+    pub async fn run_timers(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let next = {
+                let now = Now::now();
+                let mut st = self.lock();
+                let mut eff = Effects::default();
+                st.fire_timers(now, &mut eff);
+                self.push_background(&mut st, now, eff);
+                st.timer_dirty = false;
+                st.next_timer()
+            };
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.timer_wake.notified() => {}
+                _ = sleep => {}
+            }
+        }
+    }
+
+    /// Starts shutdown: refuses new work and ends every worker and watch stream.
+    pub fn close_streams(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        let mut st = self.lock();
+        st.close_workers(CloseReason::Shutdown);
+        st.close_watchers(CloseReason::Shutdown);
+    }
+
+    /// Whether shutdown has started.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,171 @@
+//! Dispatch: hands ready tasks to workers with credits, by queue preference, then priority,
+//! then submit order; only tasks whose name the worker registered.
+
+use std::collections::hash_map::Entry;
+
+use prost::Message;
+use taskd_proto::pb;
+use uuid::Uuid;
+
+use super::state::{ConnId, Effects, Now, State, TimerKind};
+
+/// Bytes an assignment adds to a message beyond its payload (ids, names, framing).
+const ASSIGNMENT_OVERHEAD: usize = 64;
+
+impl State {
+    /// Fills every worker's credits from the ready queues (when something changed).
+    pub fn dispatch(&mut self, now: Now, eff: &mut Effects) {
+        if !self.dispatch_needed {
+            return;
+        }
+        self.dispatch_needed = false;
+        let mut conns: Vec<ConnId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.credits > 0 && w.sink.is_some())
+            .map(|(c, _)| *c)
+            .collect();
+        if conns.is_empty() {
+            return;
+        }
+        conns.sort_unstable();
+        // Rotate the starting worker so small bursts spread over workers.
+        self.rotate = self.rotate.wrapping_add(1);
+        let start = self.rotate % conns.len();
+        conns.rotate_left(start);
+        for conn in conns {
+            self.dispatch_to(now, conn, eff);
+        }
+    }
+
+    /// Fills one worker's credits.
+    pub fn dispatch_to(&mut self, now: Now, conn: ConnId, eff: &mut Effects) {
+        let Some(w) = self.workers.get(&conn) else {
+            return;
+        };
+        if w.credits == 0 || w.sink.is_none() {
+            return;
+        }
+        let queues = w.queues.clone();
+        let mut batch: Vec<pb::Assignment> = Vec::new();
+        for queue in &queues {
+            loop {
+                let credits = self.workers.get(&conn).map(|w| w.credits).unwrap_or(0);
+                if credits == 0 {
+                    break;
+                }
+                let Some(id) = self.pop_ready(conn, queue) else {
+                    break;
+                };
+                if let Some(a) = self.assign(now, conn, id, eff) {
+                    batch.push(a);
+                }
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let max = self.cfg.max_message_bytes;
+        if let Some(sink) = self.workers.get(&conn).and_then(|w| w.sink.clone()) {
+            let mut msg = pb::BrokerMessage::default();
+            let mut size = 0usize;
+            for a in batch {
+                let len = a.encoded_len() + ASSIGNMENT_OVERHEAD;
+                if !msg.assignments.is_empty() && size + len > max {
+                    sink.send(std::mem::take(&mut msg));
+                    size = 0;
+                }
+                size += len;
+                msg.assignments.push(a);
+            }
+            sink.send(msg);
+        }
+    }
+
+    /// Pops the best ready task of `queue` whose name worker `conn` handles.
+    fn pop_ready(&mut self, conn: ConnId, queue: &str) -> Option<Uuid> {
+        let w = self.workers.get(&conn)?;
+        let q = self.queues.get_mut(queue)?;
+        // The best head among the worker's names.
+        let mut best: Option<(&String, (i32, std::cmp::Reverse<u64>))> = None;
+        for (name, heap) in q.ready.iter_mut() {
+            if !w.names.contains(name) {
+                continue;
+            }
+            // Drop stale heads (cancelled, re-queued under a newer entry, ...).
+            while let Some(top) = heap.peek() {
+                let valid = self.tasks.get(&top.id).is_some_and(|t| {
+                    t.ready_seq == top.seq.0 && t.state() == pb::TaskState::Queued
+                });
+                if valid {
+                    break;
+                }
+                heap.pop();
+            }
+            if let Some(top) = heap.peek() {
+                let key = (top.priority, top.seq);
+                if best.as_ref().is_none_or(|(_, b)| key > *b) {
+                    best = Some((name, key));
+                }
+            }
+        }
+        let name = best?.0.clone();
+        match q.ready.entry(name) {
+            Entry::Occupied(mut e) => {
+                let top = e.get_mut().pop()?;
+                if e.get().is_empty() {
+                    e.remove();
+                }
+                Some(top.id)
+            }
+            Entry::Vacant(_) => None,
+        }
+    }
+
+    /// Leases task `id` to `conn`: the next attempt starts (skipping one number for a
+    /// recovered task whose assignment may have been lost).
+    fn assign(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        id: Uuid,
+        eff: &mut Effects,
+    ) -> Option<pb::Assignment> {
+        let lease = self.cfg.lease;
+        let w = self.workers.get_mut(&conn)?;
+        w.credits -= 1;
+        w.leases.insert(id);
+        let (worker_id, peer) = (w.worker_id.clone(), w.peer.clone());
+        self.set_state(&id, pb::TaskState::Running);
+        let t = self.tasks.get_mut(&id)?;
+        let step = if t.recovered { 2 } else { 1 };
+        t.recovered = false;
+        t.rec.attempt += step;
+        t.rec.not_before_unix_ms = 0;
+        t.holder = Some(conn);
+        t.lease_deadline = Some(now.mono + lease);
+        t.rec.attempts.push(pb::Attempt {
+            number: t.rec.attempt,
+            worker_id,
+            worker_addr: peer,
+            started_at_unix_ms: now.wall_ms,
+            ended_at_unix_ms: 0,
+            error: String::new(),
+        });
+        eff.behind.push(t.state_op(id));
+        let a = pb::Assignment {
+            task_id: t.rec.id.clone(),
+            attempt: t.rec.attempt,
+            queue: t.spec.queue.clone(),
+            name: t.spec.name.clone(),
+            payload: t.spec.payload.clone(),
+            content_type: t.spec.content_type.clone(),
+            timeout_ms: t.spec.timeout_ms,
+            max_attempts: t.spec.max_attempts,
+            submitted_at_unix_ms: t.rec.submitted_at_unix_ms,
+        };
+        let attempt = t.rec.attempt;
+        self.add_timer(now.mono + lease, TimerKind::Lease(id, attempt));
+        Some(a)
+    }
+}

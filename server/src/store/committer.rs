@@ -1,0 +1,243 @@
+//! Group commit: one writer thread takes write requests from a channel, applies everything
+//! that queued up while the previous group was being flushed as one batch, makes it durable
+//! once, and only then acknowledges every waiter of the group.
+//!
+//! Two kinds of request: [`Committer::commit`] (awaited by the caller before it acknowledges
+//! anything) and [`Committer::write_behind`] (rides along in the next group, not awaited).
+//! Every request gets a sequence number in channel order; [`Committer::durable_seq`] tells how
+//! far the store is durable, so readers can wait for a record they are about to show.
+//!
+//! A group is bounded by [`MAX_GROUP_OPS`] and [`MAX_GROUP_BYTES`]; it never waits for more
+//! requests than are already queued, so the latency bound is one flush plus the group before.
+//! If a group fails, all its waiters get the error and the committer is poisoned: every later
+//! request fails too (in-memory state may then be ahead of the disk, so nothing more may be
+//! acknowledged; the broker reports NOT_SERVING and must be restarted).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::{oneshot, watch};
+
+use super::{Store, StoreError, WriteOp};
+
+/// Most ops in one group.
+pub const MAX_GROUP_OPS: usize = 4096;
+/// Most bytes of records in one group (a single bigger request still goes alone).
+pub const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
+
+/// How far the store is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durable {
+    /// Every request with a sequence number up to this one is durable.
+    pub seq: u64,
+    /// A group failed: nothing after `seq` will ever become durable.
+    pub failed: bool,
+}
+
+enum Req {
+    Write {
+        seq: u64,
+        ops: Vec<WriteOp>,
+        ack: Option<oneshot::Sender<Result<(), StoreError>>>,
+    },
+    Stop(oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// An awaited commit: resolves once the request's group is durable (or failed).
+pub type CommitAck = oneshot::Receiver<Result<(), StoreError>>;
+
+/// The single writer in front of a [`Store`].
+pub struct Committer {
+    tx: Mutex<Option<mpsc::Sender<Req>>>,
+    next_seq: AtomicU64,
+    durable: watch::Receiver<Durable>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Committer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Committer")
+            .field("durable", &*self.durable.borrow())
+            .finish()
+    }
+}
+
+fn op_bytes(op: &WriteOp) -> usize {
+    match op {
+        WriteOp::Spec { bytes, .. } | WriteOp::State { bytes, .. } => bytes.len() + 17,
+        WriteOp::Delete { .. } => 34,
+    }
+}
+
+impl Committer {
+    /// Starts the writer thread over `store`.
+    pub fn start(store: Arc<dyn Store>) -> Committer {
+        let (tx, rx) = mpsc::channel();
+        let (dtx, drx) = watch::channel(Durable {
+            seq: 0,
+            failed: false,
+        });
+        let thread = std::thread::Builder::new()
+            .name("taskd-writer".into())
+            .spawn(move || writer_loop(store, rx, dtx))
+            .ok();
+        Committer {
+            tx: Mutex::new(thread.as_ref().map(|_| tx)),
+            next_seq: AtomicU64::new(1),
+            durable: drx,
+            thread: Mutex::new(thread),
+        }
+    }
+
+    fn send(&self, ops: Vec<WriteOp>, ack: Option<oneshot::Sender<Result<(), StoreError>>>) -> u64 {
+        // The lock only guards the Option around the sender (taken at stop); sequence numbers
+        // are taken under it so that channel order equals sequence order.
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        match guard.as_ref() {
+            Some(tx) => {
+                if let Err(mpsc::SendError(Req::Write { ack: Some(a), .. })) =
+                    tx.send(Req::Write { seq, ops, ack })
+                {
+                    let _ = a.send(Err(StoreError::Unavailable("writer stopped".into())));
+                }
+            }
+            None => {
+                if let Some(a) = ack {
+                    let _ = a.send(Err(StoreError::Unavailable("store closed".into())));
+                }
+            }
+        }
+        seq
+    }
+
+    /// Queues `ops` (possibly none: a barrier) for the next group; the returned receiver
+    /// resolves once they are durable. Returns the request's sequence number too.
+    pub fn commit(&self, ops: Vec<WriteOp>) -> (u64, CommitAck) {
+        let (tx, rx) = oneshot::channel();
+        let seq = self.send(ops, Some(tx));
+        (seq, rx)
+    }
+
+    /// Queues `ops` for the next group without waiting for them.
+    pub fn write_behind(&self, ops: Vec<WriteOp>) -> u64 {
+        self.send(ops, None)
+    }
+
+    /// The durability watermark.
+    pub fn durable(&self) -> Durable {
+        *self.durable.borrow()
+    }
+
+    /// Waits until every request up to `seq` is durable; errors if the store failed first.
+    pub async fn wait_durable(&self, seq: u64) -> Result<(), StoreError> {
+        let mut rx = self.durable.clone();
+        let res = rx.wait_for(|d| d.seq >= seq || d.failed).await;
+        match res {
+            Ok(d) if d.seq >= seq => Ok(()),
+            Ok(_) => Err(StoreError::Unavailable(
+                "an earlier store write failed".into(),
+            )),
+            Err(_) => Err(StoreError::Unavailable("writer stopped".into())),
+        }
+    }
+
+    /// Finishes every queued request, closes the store and joins the writer thread.
+    pub fn stop(&self) -> Result<(), StoreError> {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut result = Ok(());
+        if let Some(tx) = tx {
+            let (atx, mut arx) = oneshot::channel();
+            if tx.send(Req::Stop(atx)).is_ok() {
+                drop(tx);
+                if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    let _ = h.join();
+                }
+                result = arx
+                    .try_recv()
+                    .unwrap_or_else(|_| Err(StoreError::Unavailable("writer died".into())));
+            }
+        }
+        result
+    }
+}
+
+fn writer_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<Req>, durable: watch::Sender<Durable>) {
+    let mut poisoned: Option<String> = None;
+    let mut ops: Vec<WriteOp> = Vec::new();
+    let mut acks: Vec<oneshot::Sender<Result<(), StoreError>>> = Vec::new();
+    let mut carry: Option<Req> = None;
+    loop {
+        let first = match carry.take() {
+            Some(r) => r,
+            None => match rx.recv() {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+        };
+        let mut stop = None;
+        let mut max_seq = 0;
+        let mut bytes = 0usize;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Req::Stop(a) => {
+                    stop = Some(a);
+                    break;
+                }
+                Req::Write { seq, ops: o, ack } => {
+                    let b: usize = o.iter().map(op_bytes).sum();
+                    if !ops.is_empty()
+                        && (ops.len() + o.len() > MAX_GROUP_OPS || bytes + b > MAX_GROUP_BYTES)
+                    {
+                        carry = Some(Req::Write { seq, ops: o, ack });
+                        break;
+                    }
+                    bytes += b;
+                    max_seq = seq;
+                    ops.extend(o);
+                    acks.extend(ack);
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        let result = match &poisoned {
+            Some(reason) => Err(StoreError::Unavailable(format!(
+                "an earlier store write failed: {reason}"
+            ))),
+            None if ops.is_empty() => Ok(()),
+            None => store.apply(&ops),
+        };
+        match &result {
+            Ok(()) => {
+                if max_seq > 0 {
+                    durable.send_modify(|d| d.seq = d.seq.max(max_seq));
+                }
+            }
+            Err(e) => {
+                if poisoned.is_none() {
+                    tracing::error!(error = %e, "store write failed; no further writes will be acknowledged");
+                    poisoned = Some(e.to_string());
+                }
+                durable.send_modify(|d| d.failed = true);
+            }
+        }
+        for a in acks.drain(..) {
+            let _ = a.send(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Write(e.to_string())),
+            });
+        }
+        ops.clear();
+        if let Some(a) = stop {
+            let r = match &poisoned {
+                Some(reason) => Err(StoreError::Unavailable(reason.clone())),
+                None => store.close(),
+            };
+            let _ = a.send(r);
+            return;
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! The sled backend.
+//!
+//! Layout: tree `tasks` with keys `<16 id bytes><kind>` (kind 0 = spec, 1 = state), so both
+//! records of a task sit together and one sled batch of a single tree holds a whole group
+//! (sled batches are per tree; a second tree would need a transaction, which is slower).
+//! The idempotency index is rebuilt from the specs, which carry the key, so it survives
+//! restarts without a second tree. Tree `meta` holds `format` = [`FORMAT_VERSION`] (u32 BE).
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use prost::Message;
+use taskd_proto::pb;
+use uuid::Uuid;
+
+use super::{Store, StoreError, StoredTask, WriteOp};
+use crate::config::SyncMode;
+
+/// The store format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+const KIND_SPEC: u8 = 0;
+const KIND_STATE: u8 = 1;
+
+/// A hook that replaces the fdatasync step (tests inject failures with it).
+pub type SyncHook = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+/// Task records in sled.
+pub struct SledStore {
+    db: sled::Db,
+    tasks: sled::Tree,
+    sync: SyncMode,
+    data_file: Option<File>,
+    sync_hook: Option<SyncHook>,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore")
+            .field("sync", &self.sync)
+            .finish()
+    }
+}
+
+fn key(id: &Uuid, kind: u8) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[..16].copy_from_slice(id.as_bytes());
+    k[16] = kind;
+    k
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`, checking its format version.
+    ///
+    /// `cache_capacity` bounds sled's page cache (its RSS runs above it).
+    pub fn open(dir: &Path, sync: SyncMode, cache_capacity: u64) -> Result<SledStore, StoreError> {
+        let dir_s = dir.display().to_string();
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            dir: dir_s.clone(),
+            source: Box::new(e),
+        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("could not acquire lock") {
+                    StoreError::Locked { dir: dir_s.clone() }
+                } else {
+                    StoreError::Open {
+                        dir: dir_s.clone(),
+                        source: Box::new(e),
+                    }
+                }
+            })?;
+        let open_err = |e: sled::Error| StoreError::Open {
+            dir: dir_s.clone(),
+            source: Box::new(e),
+        };
+        let meta = db.open_tree("meta").map_err(open_err)?;
+        let tasks = db.open_tree("tasks").map_err(open_err)?;
+        match meta.get(b"format").map_err(open_err)? {
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Format {
+                        dir: dir_s.clone(),
+                        found: format!("unreadable ({} bytes)", v.len()),
+                        known: FORMAT_VERSION,
+                    })?;
+                if found != FORMAT_VERSION {
+                    return Err(StoreError::Format {
+                        dir: dir_s,
+                        found: found.to_string(),
+                        known: FORMAT_VERSION,
+                    });
+                }
+            }
+            None => {
+                let foreign = !tasks.is_empty()
+                    || db
+                        .tree_names()
+                        .iter()
+                        .any(|n| !matches!(n.as_ref(), b"meta" | b"tasks" | b"__sled__default"))
+                    || !db.is_empty();
+                if foreign {
+                    return Err(StoreError::Format {
+                        dir: dir_s,
+                        found: "unknown (no format marker)".into(),
+                        known: FORMAT_VERSION,
+                    });
+                }
+                meta.insert(b"format", &FORMAT_VERSION.to_be_bytes())
+                    .map_err(open_err)?;
+                db.flush().map_err(open_err)?;
+            }
+        }
+        let data_file = match sync {
+            SyncMode::Fsync => Some(File::open(dir.join("db")).map_err(|e| StoreError::Open {
+                dir: dir_s.clone(),
+                source: Box::new(e),
+            })?),
+            SyncMode::Flush => None,
+        };
+        Ok(SledStore {
+            db,
+            tasks,
+            sync,
+            data_file,
+            sync_hook: None,
+        })
+    }
+
+    /// Replaces the fdatasync step with `hook` (called after every flush, in either sync mode).
+    pub fn with_sync_hook(mut self, hook: SyncHook) -> SledStore {
+        self.sync_hook = Some(hook);
+        self
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        if let Some(hook) = &self.sync_hook {
+            return hook();
+        }
+        match (&self.sync, &self.data_file) {
+            (SyncMode::Fsync, Some(f)) => f.sync_data(),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn load(&self) -> Result<Vec<StoredTask>, StoreError> {
+        let mut out = Vec::new();
+        let mut spec: Option<(Uuid, pb::TaskSpec)> = None;
+        for item in self.tasks.iter() {
+            let (k, v) = item.map_err(|e| StoreError::Write(e.to_string()))?;
+            let corrupt = |reason: String| StoreError::Corrupt {
+                key: k.iter().map(|b| format!("{b:02x}")).collect(),
+                reason,
+            };
+            if k.len() != 17 {
+                return Err(corrupt("bad key length".into()));
+            }
+            let id = Uuid::from_slice(&k[..16]).map_err(|e| corrupt(e.to_string()))?;
+            match k[16] {
+                KIND_SPEC => {
+                    let s = pb::TaskSpec::decode(v.as_ref()).map_err(|e| corrupt(e.to_string()))?;
+                    spec = Some((id, s));
+                }
+                KIND_STATE => {
+                    let state = pb::Task::decode(v.as_ref()).map_err(|e| corrupt(e.to_string()))?;
+                    match spec.take() {
+                        Some((sid, s)) if sid == id => out.push(StoredTask { spec: s, state }),
+                        _ => return Err(corrupt("state record without its spec".into())),
+                    }
+                }
+                other => return Err(corrupt(format!("unknown record kind {other}"))),
+            }
+        }
+        Ok(out)
+    }
+
+    fn apply(&self, ops: &[WriteOp]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for op in ops {
+            match op {
+                WriteOp::Spec { id, bytes } => batch.insert(&key(id, KIND_SPEC), bytes.as_slice()),
+                WriteOp::State { id, bytes } => {
+                    batch.insert(&key(id, KIND_STATE), bytes.as_slice())
+                }
+                WriteOp::Delete { id } => {
+                    batch.remove(&key(id, KIND_SPEC));
+                    batch.remove(&key(id, KIND_STATE));
+                }
+            }
+        }
+        self.tasks
+            .apply_batch(batch)
+            .map_err(|e| StoreError::Write(format!("apply batch: {e}")))?;
+        self.db
+            .flush()
+            .map_err(|e| StoreError::Write(format!("flush: {e}")))?;
+        self.sync()
+            .map_err(|e| StoreError::Write(format!("fdatasync: {e}")))?;
+        Ok(())
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map_err(|e| StoreError::Write(format!("flush: {e}")))?;
+        self.sync()
+            .map_err(|e| StoreError::Write(format!("fdatasync: {e}")))
+    }
+}
