@@ -133,6 +133,14 @@ impl TaskFuture {
         self.shared.get()
     }
 
+    /// The result if the task has completed, without waiting (`None` while it runs): what
+    /// [`TaskFuture::result`] would return. Handy in done callbacks.
+    pub fn try_result(&self) -> Option<Result<Output>> {
+        self.shared
+            .get()
+            .map(|r| r.and_then(|o| o.into_result(self.id())))
+    }
+
     /// Waits at most `timeout` for the task and returns its output.
     ///
     /// Fails with [`Error::TaskFailed`] (the worker's error) when the task failed,
