@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod netns;
+
 /// How long [`Taskd::start`] waits for the broker to report its address.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -158,6 +160,8 @@ pub struct Taskd {
     addr: SocketAddr,
     data_dir: tempfile::TempDir,
     extra_args: Vec<String>,
+    /// Command prefix the binary runs under (e.g. `ip netns exec NS`); empty: none.
+    wrapper: Vec<String>,
 }
 
 impl Taskd {
@@ -165,12 +169,33 @@ impl Taskd {
     pub async fn start(extra_args: &[&str]) -> Result<Taskd> {
         let data_dir = tempfile::tempdir().context("creating temp data dir")?;
         let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let (child, addr) = Self::spawn(data_dir.path(), "127.0.0.1:0", &extra_args).await?;
+        let (child, addr) = Self::spawn(data_dir.path(), "127.0.0.1:0", &extra_args, &[]).await?;
         Ok(Taskd {
             child: Some(child),
             addr,
             data_dir,
             extra_args,
+            wrapper: Vec::new(),
+        })
+    }
+
+    /// Starts `taskd` under a command prefix (e.g. `["ip", "netns", "exec", "ns1"]`, which
+    /// execs the binary, so the pid is taskd's) listening on `listen` (e.g. `"10.201.3.2:0"`).
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        listen: &str,
+        extra_args: &[&str],
+    ) -> Result<Taskd> {
+        let data_dir = tempfile::tempdir().context("creating temp data dir")?;
+        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        let (child, addr) = Self::spawn(data_dir.path(), listen, &extra_args, &wrapper).await?;
+        Ok(Taskd {
+            child: Some(child),
+            addr,
+            data_dir,
+            extra_args,
+            wrapper,
         })
     }
 
@@ -178,6 +203,7 @@ impl Taskd {
         data_dir: &Path,
         listen: &str,
         extra_args: &[String],
+        wrapper: &[String],
     ) -> Result<(Child, SocketAddr)> {
         let addr_file = data_dir.with_extension("addr");
         let _ = std::fs::remove_file(&addr_file);
@@ -193,7 +219,14 @@ impl Taskd {
             "flush".into(),
         ];
         args.extend(extra_args.iter().cloned());
-        let mut child = Child::spawn("taskd", &args)?;
+        let mut child = match wrapper.split_first() {
+            None => Child::spawn("taskd", &args)?,
+            Some((program, prefix)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(prefix).arg(binary_path("taskd")?).args(&args);
+                Child::spawn_command("taskd", cmd)?
+            }
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(text) = std::fs::read_to_string(&addr_file) {
@@ -253,7 +286,14 @@ impl Taskd {
         // The old port can linger briefly; retry the bind for a bounded time.
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match Self::spawn(self.data_dir.path(), &listen, &self.extra_args).await {
+            match Self::spawn(
+                self.data_dir.path(),
+                &listen,
+                &self.extra_args,
+                &self.wrapper,
+            )
+            .await
+            {
                 Ok((child, addr)) => {
                     self.child = Some(child);
                     self.addr = addr;
