@@ -233,10 +233,10 @@ async fn done_callbacks_run_exactly_once() -> Result<()> {
         c.fetch_add(1000, Ordering::SeqCst);
     });
     ensure!(fut.cancel().await?);
-    // Let the broker's own completion event arrive too, then check the count.
+    // The broker's own event for the cancel comes on the watch stream before the completion
+    // of a task submitted after it: once that one is seen, the cancel event was handled too.
     let probe = client.submit(Task::new("noop")).await?;
     probe.result(Some(WAIT)).await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     ensure!(
         calls.load(Ordering::SeqCst) == 1111,
         "{}",
@@ -507,6 +507,10 @@ async fn broker_restart_during_wait_loses_nothing() -> Result<()> {
             .filter(|t| t.state() == pb::TaskState::Running)
     })
     .await?;
+    ensure!(
+        futs.iter().all(|f| !f.done()),
+        "the tasks finished before the restart"
+    );
     taskd.kill();
     taskd.restart().await?;
     let (done, not_done) = waiter.await?;
@@ -526,6 +530,9 @@ async fn broker_restart_during_wait_loses_nothing() -> Result<()> {
 
 #[tokio::test]
 async fn broker_restart_during_submits_loses_and_doubles_nothing() -> Result<()> {
+    const BATCHES: usize = 100;
+    const PER_BATCH: usize = 20;
+    const TOTAL: usize = BATCHES * PER_BATCH;
     let mut taskd = broker(&[]).await?;
     let client = client(&taskd).await?;
     let _w = sdk_worker(&taskd, 32)?;
@@ -533,10 +540,10 @@ async fn broker_restart_during_submits_loses_and_doubles_nothing() -> Result<()>
         let client = client.clone();
         tokio::spawn(async move {
             let mut futs = Vec::new();
-            for batch in 0..40 {
-                let tasks: Vec<Task> = (0..50)
-                    .map(|i| Task::new("add").json(&(batch, i)).expect("json"))
-                    .collect();
+            for batch in 0..BATCHES {
+                let tasks = (0..PER_BATCH)
+                    .map(|i| Task::new("add").json(&(batch, i)))
+                    .collect::<Result<Vec<_>, _>>()?;
                 futs.extend(client.submit_many(tasks).await?);
             }
             Ok::<_, Error>(futs)
@@ -544,17 +551,18 @@ async fn broker_restart_during_submits_loses_and_doubles_nothing() -> Result<()>
     };
     // Kill the broker while the batches are going in.
     eventually(WAIT, "some tasks submitted", || async {
-        client
-            .list_tasks(&Default::default())
-            .await
-            .ok()
-            .filter(|p| p.tasks.len() >= 50)
+        let page = client.list_tasks(&Default::default()).await.ok()?;
+        (page.tasks.len() >= 2 * PER_BATCH).then_some(())
     })
     .await?;
+    ensure!(
+        !submitter.is_finished(),
+        "all batches went in before the restart"
+    );
     taskd.kill();
     taskd.restart().await?;
     let futs = submitter.await??;
-    ensure!(futs.len() == 2_000);
+    ensure!(futs.len() == TOTAL);
     let (_, not_done) = wait(
         futs.clone(),
         Some(Duration::from_secs(60)),
@@ -567,13 +575,13 @@ async fn broker_restart_during_submits_loses_and_doubles_nothing() -> Result<()>
         not_done.len()
     );
     for (n, f) in futs.iter().enumerate() {
-        let (batch, i) = ((n / 50) as i64, (n % 50) as i64);
+        let (batch, i) = ((n / PER_BATCH) as i64, (n % PER_BATCH) as i64);
         ensure!(f.result_as::<i64>(None).await? == batch + i);
     }
     let tasks = all_tasks(&client).await?;
     let ids: HashSet<String> = tasks.iter().map(|t| t.id.clone()).collect();
     ensure!(
-        tasks.len() == 2_000 && ids.len() == 2_000,
+        tasks.len() == TOTAL && ids.len() == TOTAL,
         "{} tasks, {} ids on the broker",
         tasks.len(),
         ids.len()

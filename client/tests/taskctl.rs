@@ -296,6 +296,70 @@ async fn exec_and_map() -> Result<()> {
         "{run:?}"
     );
 
+    // --timeout is the task's execution timeout: the program is stopped (SIGTERM: 128 + 15).
+    let run = taskctl(
+        &url,
+        &[
+            "exec",
+            "--timeout",
+            "300ms",
+            "--max-attempts",
+            "1",
+            "--wait",
+            "--",
+            "sleep",
+            "10",
+        ],
+        None,
+    )
+    .await?;
+    ensure!(
+        run.code == 143 && run.stderr.contains("failed (timeout)"),
+        "{run:?}"
+    );
+    // A program that cannot start.
+    let run = taskctl(
+        &url,
+        &[
+            "exec",
+            "--max-attempts",
+            "1",
+            "--wait",
+            "--",
+            "no-such-program-here",
+        ],
+        None,
+    )
+    .await?;
+    ensure!(
+        run.code == 1 && run.stderr.contains("no-such-program-here"),
+        "{run:?}"
+    );
+
+    // map -j 1 keeps one task in flight: starts and ends alternate.
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("log");
+    let script = format!(
+        "echo start {{}} >> {0}; sleep 0.1; echo end {{}} >> {0}",
+        log.display()
+    );
+    let run = taskctl(
+        &url,
+        &["map", "-j", "1", "--", "sh", "-c", &script],
+        Some("a\nb\nc\n"),
+    )
+    .await?;
+    ensure!(run.code == 0, "{run:?}");
+    let text = std::fs::read_to_string(&log)?;
+    let events: Vec<&str> = text
+        .lines()
+        .map(|l| l.split(' ').next().unwrap_or(""))
+        .collect();
+    ensure!(
+        events == ["start", "end", "start", "end", "start", "end"],
+        "{text}"
+    );
+
     // map: one task per line, {} replaced, outcomes as they complete.
     let run = taskctl(
         &url,

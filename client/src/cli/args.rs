@@ -213,7 +213,8 @@ pub(crate) struct WatchArgs {
     /// Stop after this many events.
     #[arg(long)]
     pub(crate) count: Option<u64>,
-    /// Bound of the watch (exit 6 when it ends before the ids or --count were seen).
+    /// Bound of the watch: exit 6 when it ends before the ids (or --count events) were seen;
+    /// a watch of queues without --count just ends there.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) wait_timeout: Option<Duration>,
 }

@@ -612,10 +612,12 @@ async fn watch(conn: &Connector, json: bool, a: WatchArgs) -> Result<u8, CliErro
         let next = match deadline {
             Some(at) => match tokio::time::timeout_at(at, stream.next()).await {
                 Ok(n) => n,
-                Err(_) => {
+                Err(_) if until_ids || a.count.is_some() => {
                     eprintln!("taskctl: error: --wait-timeout reached after {seen} event(s)");
                     return Ok(exit::TIMEOUT);
                 }
+                // Watching queues for a while is the expected way to end such a watch.
+                Err(_) => return Ok(code),
             },
             None => stream.next().await,
         };
