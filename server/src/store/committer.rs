@@ -241,3 +241,118 @@ fn writer_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<Req>, durable: watch::S
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::config::SyncMode;
+    use crate::store::sled::SledStore;
+
+    fn op() -> WriteOp {
+        WriteOp::State {
+            id: Uuid::now_v7(),
+            bytes: vec![1, 2, 3],
+        }
+    }
+
+    #[tokio::test]
+    async fn no_ack_leaves_when_the_sync_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let fail = Arc::new(AtomicBool::new(false));
+        let f = fail.clone();
+        let store = SledStore::open(dir.path(), SyncMode::Fsync, 1 << 20)
+            .unwrap()
+            .with_sync_hook(Arc::new(move || {
+                if f.load(Ordering::SeqCst) {
+                    Err(std::io::Error::other("injected fdatasync failure"))
+                } else {
+                    Ok(())
+                }
+            }));
+        let c = Committer::start(Arc::new(store));
+        let (seq, ack) = c.commit(vec![op()]);
+        assert!(ack.await.unwrap().is_ok());
+        assert!(c.durable().seq >= seq);
+
+        fail.store(true, Ordering::SeqCst);
+        let (seq2, ack2) = c.commit(vec![op()]);
+        let (seq3, ack3) = c.commit(vec![op()]);
+        assert!(
+            ack2.await.unwrap().is_err(),
+            "a failed sync must not be acknowledged"
+        );
+        assert!(ack3.await.unwrap().is_err());
+        assert!(c.durable().seq < seq2 && c.durable().failed);
+        assert!(c.wait_durable(seq3).await.is_err());
+        // Poisoned: even after the disk recovers, nothing more is acknowledged.
+        fail.store(false, Ordering::SeqCst);
+        let (_, ack4) = c.commit(vec![op()]);
+        assert!(ack4.await.unwrap().is_err());
+        let (_, barrier) = c.commit(vec![]);
+        assert!(barrier.await.unwrap().is_err());
+        assert!(c.stop().is_err());
+    }
+
+    struct FailingStore;
+    impl Store for FailingStore {
+        fn load(&self) -> Result<Vec<crate::store::StoredTask>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn apply(&self, _ops: &[WriteOp]) -> Result<(), StoreError> {
+            Err(StoreError::Write("injected flush failure".into()))
+        }
+        fn close(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn no_ack_leaves_when_the_flush_fails() {
+        let c = Committer::start(Arc::new(FailingStore));
+        let acks: Vec<_> = (0..10).map(|_| c.commit(vec![op()]).1).collect();
+        for a in acks {
+            assert!(a.await.unwrap().is_err());
+        }
+        assert_eq!(c.durable().seq, 0);
+    }
+
+    #[tokio::test]
+    async fn broker_acknowledges_nothing_when_the_store_fails() {
+        use crate::core::{Broker, CoreConfig, NewTask};
+        use prost::Message;
+        use taskd_proto::pb;
+        let c = Arc::new(Committer::start(Arc::new(FailingStore)));
+        let cfg = CoreConfig {
+            lease: std::time::Duration::from_secs(30),
+            heartbeat: std::time::Duration::from_secs(10),
+            grace: std::time::Duration::from_secs(30),
+            max_message_bytes: 1 << 20,
+            max_result_bytes: 1 << 20,
+        };
+        let broker = Broker::recover(cfg, c, Vec::new());
+        let id = Uuid::now_v7();
+        let spec = pb::TaskSpec {
+            id: id.to_string(),
+            queue: "default".into(),
+            name: "a".into(),
+            max_attempts: 1,
+            ..Default::default()
+        };
+        let res = broker
+            .submit(vec![NewTask {
+                id,
+                spec_bytes: spec.encode_to_vec(),
+                spec,
+            }])
+            .await;
+        assert!(res.is_err(), "submit must fail when the flush fails");
+        // The failed submit left nothing behind.
+        assert!(broker.get(id, None).await.is_err());
+        assert!(broker.with_state(|s| s.tasks.is_empty()));
+    }
+}
