@@ -393,6 +393,11 @@ impl Engine {
         }
         let key = (lease.task_id, lease.attempt);
         if self.unacked.remove(&key).is_some() {
+            info!(
+                task_id = %key.0,
+                attempt = key.1,
+                "the broker no longer recognises this attempt; dropping its outcome"
+            );
             self.outbox
                 .retain(|o| o.task_id != key.0 || o.attempt != key.1);
         }
