@@ -42,4 +42,4 @@ pub mod server;
 pub mod store;
 
 pub use config::{Config, SyncMode};
-pub use server::{ServerError, run, run_with_ready};
+pub use server::{Hooks, ServerError, run, run_with_hooks, run_with_ready};

@@ -84,6 +84,7 @@ fn init_logs(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -140,7 +141,7 @@ async fn main() -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("taskd: cannot listen on {}: {e}", args.listen);
+            eprintln!("taskd: error: cannot listen on {}: {e}", args.listen);
             return ExitCode::FAILURE;
         }
     };
@@ -164,8 +165,11 @@ async fn main() -> ExitCode {
     match taskd_server::run_with_ready(listener, config, shutdown_signal(), on_ready).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "taskd failed");
-            eprintln!("taskd: {e}");
+            // One clear line: a log record for machines, plain text for people.
+            match args.log_format {
+                LogFormat::Json => tracing::error!(error = %e, "taskd failed"),
+                LogFormat::Human => eprintln!("taskd: error: {e}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -60,7 +60,37 @@ pub async fn run_with_ready(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
-    on_ready: impl FnOnce(SocketAddr) + Send,
+    on_ready: impl FnOnce(SocketAddr) + Send + 'static,
+) -> Result<(), ServerError> {
+    let hooks = Hooks {
+        on_ready: Some(Box::new(on_ready)),
+        before_recovery: None,
+    };
+    run_with_hooks(listener, config, shutdown, hooks).await
+}
+
+/// Optional callbacks into [`run_with_hooks`].
+#[derive(Default)]
+pub struct Hooks {
+    /// Called with the bound address once the broker is ready (health SERVING).
+    pub on_ready: Option<Box<dyn FnOnce(SocketAddr) + Send>>,
+    /// Awaited after the server accepts connections (health NOT_SERVING) and before the store
+    /// is opened; tests use it to observe the NOT_SERVING phase.
+    pub before_recovery: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks").finish_non_exhaustive()
+    }
+}
+
+/// [`run`] with [`Hooks`].
+pub async fn run_with_hooks(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+    hooks: Hooks,
 ) -> Result<(), ServerError> {
     let config = Arc::new(config.validate()?);
     let addr = listener
@@ -104,6 +134,9 @@ pub async fn run_with_ready(
         }),
     );
 
+    if let Some(wait) = hooks.before_recovery {
+        wait.await;
+    }
     // Open and recover the store while health says NOT_SERVING.
     let opened = {
         let cfg = config.clone();
@@ -145,8 +178,25 @@ pub async fn run_with_ready(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
+    // A failed write poisons the store: report NOT_SERVING from then on.
+    let poison_watch = {
+        let mut durable = committer.durable_watch();
+        let health = health.clone();
+        tokio::spawn(async move {
+            if durable.wait_for(|d| d.failed).await.is_ok() {
+                tracing::error!("the store failed; reporting NOT_SERVING");
+                for name in ["", TASK_SVC, WORK_SVC] {
+                    health
+                        .set_service_status(name, ServingStatus::NotServing)
+                        .await;
+                }
+            }
+        })
+    };
     tracing::info!(%addr, recovered, epoch = broker.epoch(), data_dir = %config.data_dir.display(), "taskd ready");
-    on_ready(addr);
+    if let Some(on_ready) = hooks.on_ready {
+        on_ready(addr);
+    }
 
     let mut server_result = None;
     tokio::select! {
@@ -177,6 +227,7 @@ pub async fn run_with_ready(
     };
     timers_stop.cancel();
     let _ = timers.await;
+    poison_watch.abort();
     // Finalize: flush the last group and close the store.
     let stopped = tokio::task::spawn_blocking(move || committer.stop())
         .await

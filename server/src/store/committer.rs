@@ -131,6 +131,11 @@ impl Committer {
         *self.durable.borrow()
     }
 
+    /// A receiver of the durability watermark.
+    pub fn durable_watch(&self) -> watch::Receiver<Durable> {
+        self.durable.clone()
+    }
+
     /// Waits until every request up to `seq` is durable; errors if the store failed first.
     pub async fn wait_durable(&self, seq: u64) -> Result<(), StoreError> {
         let mut rx = self.durable.clone();
