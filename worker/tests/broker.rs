@@ -326,17 +326,18 @@ async fn sigkilled_taskworker_takes_its_child_along_and_the_task_reruns_elsewher
     let mut c = client(&taskd.url(), None).await;
     let script = format!(
         "cd {}; n=$(($(cat count 2>/dev/null || echo 0) + 1)); echo $n > count; echo $$ > pid.$n; \
-         if [ $n -eq 1 ]; then exec sleep 100; fi; echo run $n",
+         if [ $n -eq 1 ]; then sleep 100 & echo $! > bg.1; exec sleep 100; fi; echo run $n",
         dir.path().display()
     );
     let ids = submit(&mut c, vec![exec_task(&["sh", "-c", &script])]).await;
     let child = read_pid(&dir.path().join("pid.1")).await;
-    assert!(alive(child));
+    let grandchild = read_pid(&dir.path().join("bg.1")).await;
+    assert!(alive(child) && alive(grandchild));
     first.kill();
     taskd_testkit::eventually(
         Duration::from_secs(5),
-        "the orphaned child to die",
-        || async { (!alive(child)).then_some(()) },
+        "the child and its background job to die",
+        || async { (!alive(child) && !alive(grandchild)).then_some(()) },
     )
     .await
     .unwrap();

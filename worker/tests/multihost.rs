@@ -159,6 +159,10 @@ async fn workers_on_two_hosts_share_work_and_a_cut_off_worker_is_fenced() {
     )
     .await
     .unwrap();
+    eprintln!(
+        "--- log of the cut-off worker {first} ---\n{}",
+        std::fs::read_to_string(cut_log).unwrap_or_default()
+    );
     let after = get(&mut c, &id).await;
     assert_eq!(after.state(), pb::TaskState::Succeeded);
     assert_eq!(exec_result(output(&after)).stdout, b"run 2\n", "{after:?}");

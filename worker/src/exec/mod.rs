@@ -6,8 +6,8 @@
 //!   (kind `"denied"`), the worker lives on. The checked path is the one executed.
 //! - The child gets the worker's environment plus `env`, the working directory `cwd`, the
 //!   `stdin` bytes (then end of input), its own process group, and `PR_SET_PDEATHSIG = SIGKILL`
-//!   so it dies with the worker (see [`spawn`](self) limits: grandchildren are only killed by a
-//!   graceful stop, timeout or cancel).
+//!   so it dies with the worker; a guardian process kills the rest of its group if the worker
+//!   dies (even by SIGKILL).
 //! - stdout and stderr are read concurrently, each capped at `max_output_bytes` while read
 //!   (the rest is drained and dropped, the truncation flag set).
 //! - A timeout (`ExecSpec.timeout_ms`, or the task's timeout) or a cancel sends SIGTERM to the
@@ -20,6 +20,7 @@
 //!   no retry). The encoded `ExecResult` is in the error's details.
 
 mod capture;
+mod guardian;
 mod resolve;
 mod spawn;
 
@@ -124,6 +125,7 @@ impl Exec {
             }
             Some(resolved)
         };
+        guardian::ensure_started();
         Ok(Exec {
             allow,
             max_output_bytes: options.max_output_bytes,

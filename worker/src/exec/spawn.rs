@@ -4,9 +4,9 @@
 //! `PR_SET_PDEATHSIG = SIGKILL`. The kernel sends that signal when the *thread* that forked
 //! the child exits, not the process; so children are forked from one dedicated thread that
 //! lives as long as the process, never from a runtime thread (which may be retired, e.g. by
-//! `block_in_place`). Limits: the death signal reaches the direct child only; grandchildren it
-//! started keep running if the worker is SIGKILLed (a graceful stop, a timeout or a cancel
-//! kills the whole group).
+//! `block_in_place`). The death signal reaches the direct child only; the rest of the group
+//! (background jobs, pipelines) is killed by the [guardian](super::guardian) when the worker
+//! dies, and by [`GroupGuard`] on a timeout, a cancel or any other end of the task.
 
 use std::io;
 use std::sync::OnceLock;
@@ -88,12 +88,16 @@ pub(crate) struct GroupGuard {
 
 impl GroupGuard {
     /// Guards the group led by `pid` (the child was spawned with `process_group(0)`).
+    /// The group is also registered with the [guardian](super::guardian), which kills it if
+    /// the worker dies first.
     pub(crate) fn new(pid: Option<u32>) -> Self {
-        GroupGuard {
-            pgid: pid
-                .and_then(|p| libc::pid_t::try_from(p).ok())
-                .filter(|p| *p > 0),
+        let pgid = pid
+            .and_then(|p| libc::pid_t::try_from(p).ok())
+            .filter(|p| *p > 0);
+        if let Some(pgid) = pgid {
+            super::guardian::register(pgid);
         }
+        GroupGuard { pgid }
     }
 
     /// Sends `signal` to every process of the group; false when none is left.
@@ -108,12 +112,14 @@ impl GroupGuard {
     /// Kills what is left of the group now and stops guarding it.
     pub(crate) fn kill_and_disarm(&mut self) {
         self.signal(libc::SIGKILL);
-        self.pgid = None;
+        if let Some(pgid) = self.pgid.take() {
+            super::guardian::unregister(pgid);
+        }
     }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        self.signal(libc::SIGKILL);
+        self.kill_and_disarm();
     }
 }
