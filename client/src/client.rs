@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
@@ -56,6 +57,8 @@ pub struct Client {
 
 struct Inner {
     url: String,
+    /// Unary calls made (retries included); see [`Client::calls_made`].
+    calls: AtomicU64,
     options: ClientOptions,
     rpc: Rpc,
     health: HealthClient<InterceptedService<Channel, Auth>>,
@@ -141,6 +144,7 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 url,
+                calls: AtomicU64::new(0),
                 options,
                 rpc,
                 health,
@@ -152,6 +156,12 @@ impl Client {
     /// The broker's URL.
     pub fn url(&self) -> &str {
         &self.inner.url
+    }
+
+    /// How many unary calls this client (all its clones) has made so far, retries included;
+    /// the watch stream is not counted. For diagnostics, and to check batching.
+    pub fn calls_made(&self) -> u64 {
+        self.inner.calls.load(Ordering::Relaxed)
     }
 
     /// Runs one unary call, retrying retryable failures with backoff when `idempotent`.
@@ -168,6 +178,7 @@ impl Client {
         );
         let bound = opts.request_timeout + extra;
         loop {
+            self.inner.calls.fetch_add(1, Ordering::Relaxed);
             let status = match tokio::time::timeout(bound, f(self.inner.rpc.clone())).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => status,

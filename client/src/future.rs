@@ -3,7 +3,7 @@
 use std::future::{Future, IntoFuture};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use taskd_proto::pb;
@@ -18,11 +18,18 @@ type Callback = Box<dyn FnOnce() + Send>;
 
 /// The completion state of one task as this client knows it; shared by every clone of a
 /// [`TaskFuture`] and by the watch stream that completes it.
+///
+/// Completing is three steps, in this order: record the outcome (now `done()` is true and the
+/// callbacks can read it), run the callbacks, then wake the waiters. So whoever waits for a
+/// future (`result()`, `wait`, `Executor::shutdown(wait)`) resumes only after its callbacks
+/// ran, as with Python's pool, whose shutdown joins the threads that run them.
 pub(crate) struct Shared {
     id: Uuid,
-    /// `None` until the task completes; then the outcome, or the error that ended the watch of
-    /// it (unknown task, refused token). Set exactly once; waiters subscribe to it.
-    done: watch::Sender<Option<Result<Outcome>>>,
+    /// The outcome, or the error that ended the watch of this task (unknown task, refused
+    /// token). Set exactly once.
+    value: OnceLock<Result<Outcome>>,
+    /// Flipped to true once `value` is set and the callbacks have run; waiters subscribe.
+    settled: watch::Sender<bool>,
     /// Callbacks not yet run; `None` once they have been taken to run (exactly once each).
     /// A std mutex: held only to push or take, never across an await.
     callbacks: Mutex<Option<Vec<Callback>>>,
@@ -32,22 +39,15 @@ impl Shared {
     pub(crate) fn new(id: Uuid) -> Arc<Shared> {
         Arc::new(Shared {
             id,
-            done: watch::Sender::new(None),
+            value: OnceLock::new(),
+            settled: watch::Sender::new(false),
             callbacks: Mutex::new(Some(Vec::new())),
         })
     }
 
-    /// Records the completion (the first one wins) and then runs the callbacks.
+    /// Records the completion (the first one wins), runs the callbacks, wakes the waiters.
     pub(crate) fn complete(&self, result: Result<Outcome>) {
-        let first = self.done.send_if_modified(|v| {
-            if v.is_none() {
-                *v = Some(result);
-                true
-            } else {
-                false
-            }
-        });
-        if !first {
+        if self.value.set(result).is_err() {
             return;
         }
         let callbacks = self
@@ -59,10 +59,11 @@ impl Shared {
         for cb in callbacks {
             run_callback(self.id, cb);
         }
+        self.settled.send_replace(true);
     }
 
     fn get(&self) -> Option<Result<Outcome>> {
-        self.done.borrow().clone()
+        self.value.get().cloned()
     }
 }
 
@@ -107,25 +108,19 @@ impl TaskFuture {
     /// Fails with [`Error::Timeout`] when the time runs out (the task goes on), or with the
     /// error that ended the watch of this task ([`Error::NotFound`] for an unknown id, ...).
     pub async fn outcome(&self, timeout: Option<Duration>) -> Result<Outcome> {
-        let mut rx = self.shared.done.subscribe();
-        let wait = async {
-            match rx.wait_for(Option::is_some).await {
-                Ok(v) => v.clone(),
-                Err(_) => None,
-            }
-        };
-        let value = match timeout {
+        let mut rx = self.shared.settled.subscribe();
+        let wait = async { rx.wait_for(|settled| *settled).await.is_ok() };
+        match timeout {
             Some(t) => tokio::time::timeout(t, wait)
                 .await
                 .map_err(|_| Error::Timeout(t))?,
             None => wait.await,
         };
-        match value {
-            Some(r) => r,
-            None => Err(Error::Protocol(
-                "the future's completion channel closed".into(),
-            )),
-        }
+        self.shared.get().unwrap_or_else(|| {
+            Err(Error::Protocol(
+                "the future settled without an outcome".into(),
+            ))
+        })
     }
 
     /// The outcome if the task has completed, without waiting.
@@ -222,8 +217,10 @@ impl TaskFuture {
     /// `f` runs at once, in this thread.
     ///
     /// Otherwise `f` runs on the client's watch task: keep it short (spawn for heavy work).
-    /// A pending callback keeps the client alive until it has run; a callback that panics is
-    /// logged and does not disturb other futures.
+    /// Waiters of this future (`result()`, [`crate::wait`], [`crate::Executor::shutdown`] with
+    /// `wait`) resume only after the callbacks have run. A pending callback keeps the client
+    /// alive until it has run; a callback that panics is logged and does not disturb other
+    /// futures.
     pub fn add_done_callback<F>(&self, f: F)
     where
         F: FnOnce(&TaskFuture) + Send + 'static,

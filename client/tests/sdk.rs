@@ -359,8 +359,9 @@ async fn executor_map_submit_and_shutdown() -> Result<()> {
         .into_iter()
         .collect::<Result<_, _>>()?;
     ensure!(ordered == vec![600, 50, 300]);
-    // A map timeout yields Timeout in place of late results.
-    let mut timed = pool
+    // A map timeout yields Timeout in place of late results (another pool, so that the
+    // shutdown below need not wait for the slow task).
+    let mut timed = Executor::new(client.clone())
         .map(
             [Task::new("noop"), sleep_task(5_000)],
             Some(Duration::from_millis(500)),
@@ -391,6 +392,30 @@ async fn executor_map_submit_and_shutdown() -> Result<()> {
         pool.map_json("add", [(1, 2)], None).await,
         Err(Error::Shutdown)
     ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn map_over_ten_thousand_items_makes_a_handful_of_calls() -> Result<()> {
+    let taskd = broker(&[]).await?;
+    let client = client(&taskd).await?;
+    let _w = sdk_worker(&taskd, 64)?;
+    let pool = Executor::new(client.clone());
+    let before = client.calls_made();
+    let mut results = pool
+        .map(
+            (0..10_000).map(|_| Task::new("noop")),
+            Some(Duration::from_secs(120)),
+        )
+        .await?;
+    let mut n = 0;
+    while let Some(r) = results.next().await {
+        r?;
+        n += 1;
+    }
+    let calls = client.calls_made() - before;
+    ensure!(n == 10_000);
+    ensure!(calls <= 5, "map over 10,000 tasks made {calls} calls");
     Ok(())
 }
 
