@@ -46,6 +46,63 @@ async fn submit_result_typed_and_await() -> Result<()> {
 }
 
 #[tokio::test]
+async fn task_options_reach_the_broker() -> Result<()> {
+    let taskd = broker(&[]).await?;
+    let client = client(&taskd).await?;
+    let at = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let task = Task::new("echo")
+        .payload(b"raw".to_vec(), "application/octet-stream")
+        .queue("other")
+        .priority(7)
+        .not_before(at)
+        .max_attempts(5)
+        .backoff(Duration::from_millis(200), Duration::from_secs(4))
+        .timeout(Duration::from_secs(9))
+        .idempotency_key("opts")
+        .result_ttl(Duration::from_secs(600));
+    let fut = client.submit(task).await?;
+    let t = client.get(fut.id()).await?;
+    let spec = t.spec.clone().unwrap_or_default();
+    ensure!(t.state() == pb::TaskState::Scheduled, "{t:?}");
+    let at_ms = at.duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    ensure!(t.not_before_unix_ms.abs_diff(at_ms) <= 1, "{t:?}");
+    ensure!(spec.payload == b"raw" && spec.content_type == "application/octet-stream");
+    ensure!(
+        (spec.queue.as_str(), spec.priority, spec.max_attempts) == ("other", 7, 5),
+        "{spec:?}"
+    );
+    ensure!(
+        (
+            spec.backoff_initial_ms,
+            spec.backoff_max_ms,
+            spec.timeout_ms
+        ) == (200, 4000, 9000),
+        "{spec:?}"
+    );
+    ensure!(
+        (spec.idempotency_key.as_str(), spec.result_ttl_ms) == ("opts", 600_000),
+        "{spec:?}"
+    );
+    // A delay schedules relative to the broker's clock.
+    let delayed = client
+        .submit(Task::new("noop").delay(Duration::from_secs(60)))
+        .await?;
+    let t = client.get(delayed.id()).await?;
+    ensure!(
+        t.state() == pb::TaskState::Scheduled
+            && t.not_before_unix_ms >= t.submitted_at_unix_ms + 59_000,
+        "{t:?}"
+    );
+    // Long-poll: returns when the wait ends, in whatever state the task has.
+    let start = Instant::now();
+    let t = client
+        .get_wait(delayed.id(), Duration::from_millis(300))
+        .await?;
+    ensure!(t.state() == pb::TaskState::Scheduled && start.elapsed() >= Duration::from_millis(250));
+    Ok(())
+}
+
+#[tokio::test]
 async fn failures_exec_and_errors() -> Result<()> {
     let taskd = broker(&[]).await?;
     let client = client(&taskd).await?;
