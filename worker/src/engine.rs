@@ -158,8 +158,9 @@ impl Engine {
                 Phase::Serving => None,
                 Phase::Draining { until } | Phase::Finishing { until } => Some(until),
             };
+            // Unbiased: a flood of finished attempts must not starve the stream (heartbeats,
+            // new assignments), nor the other way round.
             let wake = tokio::select! {
-                biased;
                 _ = self.shutdown.cancelled(), if self.phase == Phase::Serving => Wake::Shutdown,
                 Some(event) = self.events_rx.recv() => Wake::Event(event),
                 wake = self.conn.next() => Wake::Conn(wake),

@@ -464,3 +464,33 @@ async fn graceful_shutdown_hands_back_unfinished_work_and_exits_zero() {
     let queued = wait_terminal(&mut c, &ids[1], T).await;
     assert_eq!(exec_result(output(&queued)).stdout, b"queued\n");
 }
+
+#[tokio::test]
+async fn a_wrong_token_ends_run_with_a_typed_error_and_bad_flags_exit_nonzero() {
+    require_binaries();
+    let taskd = Taskd::start(&["--token", "right"]).await.unwrap();
+    let worker = Worker::builder(taskd.url())
+        .token(Some("wrong"))
+        .handler("echo", |_ctx, p: Vec<u8>| async move { Ok(p) })
+        .build()
+        .unwrap();
+    let result = tokio::time::timeout(T, worker.run(Default::default()))
+        .await
+        .expect("run gives up on a refused token");
+    match result {
+        Err(taskd_worker::RunError::Rejected(status)) => {
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}")
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+
+    // taskworker refuses an allow list it cannot resolve, before connecting anywhere.
+    let mut bad = Child::spawn(
+        "taskworker",
+        ["--broker", &taskd.url(), "--allow", "no-such-program-xyz"],
+    )
+    .unwrap();
+    assert_eq!(bad.wait_timeout(Duration::from_secs(10)).unwrap(), Some(1));
+    let mut bad = Child::spawn("taskworker", ["--concurrency", "0"]).unwrap();
+    assert_eq!(bad.wait_timeout(Duration::from_secs(10)).unwrap(), Some(1));
+}
