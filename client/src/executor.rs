@@ -160,18 +160,17 @@ impl Executor {
             state.pending.values().cloned().collect()
         };
         if cancel_futures && !pending.is_empty() {
-            let ids: Vec<Uuid> = pending
+            let by_id: HashMap<String, &TaskFuture> = pending
                 .iter()
                 .filter(|f| !f.done())
-                .map(TaskFuture::id)
+                .map(|f| (f.id().to_string(), f))
                 .collect();
+            let ids: Vec<Uuid> = by_id.values().map(|f| f.id()).collect();
             for chunk in ids.chunks(10_000) {
                 let results = self.client.cancel(chunk, "executor shut down").await?;
-                for r in results {
-                    if r.cancelled {
-                        if let Some(f) = pending.iter().find(|f| f.id().to_string() == r.id) {
-                            f.mark_cancelled("executor shut down");
-                        }
+                for r in results.iter().filter(|r| r.cancelled) {
+                    if let Some(f) = by_id.get(&r.id) {
+                        f.mark_cancelled("executor shut down");
                     }
                 }
             }
