@@ -166,7 +166,7 @@ pub async fn run_with_hooks(
         lease: config.lease,
         heartbeat: config.heartbeat,
         grace: config.grace,
-        max_message_bytes: config.max_message_bytes(),
+        max_message_bytes: max_msg,
         max_result_bytes: config.max_result_bytes,
     };
     let broker = Broker::recover(core_cfg, committer.clone(), stored);

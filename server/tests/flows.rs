@@ -586,3 +586,23 @@ async fn list_tasks_queues_and_workers() {
     assert_eq!(workers[0].running, 5);
     assert!(workers[0].connected);
 }
+
+#[tokio::test]
+async fn assignments_are_packed_under_the_default_message_limit() {
+    let server = Server::start(|_| {}).await;
+    let mut c = server.client().await;
+    let big = "x".repeat(1024 * 1024);
+    let ids = submit(&mut c, (0..6).map(|_| spec("big", &big)).collect()).await;
+    // The raw worker's client keeps tonic's default 4 MiB decode limit.
+    let mut w = RawWorker::connect(&server.url(), hello("w", &["big"], 6)).await;
+    let mut got = Vec::new();
+    let mut messages = 0;
+    while got.len() < ids.len() {
+        let m = w.next().await;
+        messages += 1;
+        assert!(m.assignments.len() <= 3, "packed under 4 MiB");
+        got.extend(m.assignments.into_iter().map(|a| a.task_id));
+    }
+    assert_eq!(got, ids);
+    assert!(messages >= 2);
+}

@@ -9,8 +9,12 @@ use uuid::Uuid;
 
 use super::state::{ConnId, Effects, Now, State, TimerKind};
 
-/// Bytes an assignment adds to a message beyond its payload (ids, names, framing).
-const ASSIGNMENT_OVERHEAD: usize = 64;
+/// Bytes an assignment adds to a message beyond its encoded length (framing).
+const ASSIGNMENT_OVERHEAD: usize = 16;
+/// Assignments are packed into messages of at most this many bytes (under tonic's default
+/// 4 MiB decode limit, so a worker with default settings reads them; a single bigger
+/// assignment still goes alone).
+pub const PACK_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 
 impl State {
     /// Fills every worker's credits from the ready queues (when something changed).
@@ -65,7 +69,7 @@ impl State {
         if batch.is_empty() {
             return;
         }
-        let max = self.cfg.max_message_bytes;
+        let max = PACK_BYTES;
         if let Some(sink) = self.workers.get(&conn).and_then(|w| w.sink.clone()) {
             let mut msg = pb::BrokerMessage::default();
             let mut size = 0usize;

@@ -57,7 +57,7 @@ pub struct CoreConfig {
     pub heartbeat: Duration,
     /// Grace for disconnected workers and after a restart.
     pub grace: Duration,
-    /// Largest message sent to a worker (assignments are packed under it).
+    /// Largest message the broker accepts (told to workers).
     pub max_message_bytes: usize,
     /// Largest result accepted (told to workers).
     pub max_result_bytes: usize,
@@ -438,7 +438,10 @@ impl State {
         };
         let old = t.state();
         t.rec.state = new as i32;
-        let q = self.queues.entry(t.spec.queue.clone()).or_default();
+        let q = match self.queues.get_mut(&t.spec.queue) {
+            Some(q) => q,
+            None => self.queues.entry(t.spec.queue.clone()).or_default(),
+        };
         q.counts[old as usize] = q.counts[old as usize].saturating_sub(1);
         q.counts[new as usize] += 1;
     }
@@ -455,8 +458,16 @@ impl State {
             seq: Reverse(seq),
             id,
         };
-        let q = self.queues.entry(t.spec.queue.clone()).or_default();
-        q.ready.entry(t.spec.name.clone()).or_default().push(entry);
+        let q = match self.queues.get_mut(&t.spec.queue) {
+            Some(q) => q,
+            None => self.queues.entry(t.spec.queue.clone()).or_default(),
+        };
+        match q.ready.get_mut(&t.spec.name) {
+            Some(heap) => heap.push(entry),
+            None => {
+                q.ready.entry(t.spec.name.clone()).or_default().push(entry);
+            }
+        }
         self.dispatch_needed = true;
     }
 
