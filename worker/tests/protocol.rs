@@ -186,6 +186,22 @@ async fn hello_then_outcomes_with_their_credits() {
     let e = failure(by_id(&outcomes, "0190f0a0-0000-7000-8000-00000000000f"));
     assert!(!e.retryable && e.kind == "bad_payload", "{e:?}");
 
+    // A name without a handler (the broker should never send one) fails, and frees its slot.
+    assign(
+        &conn,
+        vec![assignment(
+            "0190f0a0-0000-7000-8000-000000000011",
+            1,
+            "nobody",
+            b"",
+        )],
+    );
+    let (unhandled, freed) = conn.outcomes(1).await;
+    let e = failure(by_id(&unhandled, "0190f0a0-0000-7000-8000-000000000011"));
+    assert!(e.retryable && e.kind == "no_handler", "{e:?}");
+    assert_eq!(freed, 1);
+    conn.ack(&unhandled);
+
     // The worker lived through the panic and still works.
     assign(
         &conn,
