@@ -1,6 +1,6 @@
 //! [`Executor`]: a pool over a client, shaped like `concurrent.futures.Executor`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -8,7 +8,9 @@ use futures::stream::{BoxStream, StreamExt};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::client::Client;
+use taskd_proto::pb;
+
+use crate::client::{Client, ListTasks};
 use crate::error::{Error, Result};
 use crate::future::TaskFuture;
 use crate::outcome::Output;
@@ -148,11 +150,14 @@ impl Executor {
         self.map(tasks, timeout).await
     }
 
-    /// Stops taking tasks. With `cancel_futures`, cancels every future of this executor that
-    /// has not completed: queued and scheduled tasks are cancelled at once; running ones get
-    /// a cancel request (unlike Python's pool, which lets them run: a network pool cannot tell
-    /// "about to start" from "started" without a race). With `wait`, returns only once every
-    /// future of this executor has completed.
+    /// Stops taking tasks (later submits fail with [`Error::Shutdown`]).
+    ///
+    /// With `cancel_futures`, cancels the futures of this executor that have not started:
+    /// queued and scheduled tasks are cancelled at once, running ones go on (as in Python).
+    /// The running set is read from the broker first, so a task that starts in the instant
+    /// between that read and the cancel gets a cancel request instead (it then ends CANCELLED
+    /// or with its outcome). With `wait`, returns only once every future of this executor has
+    /// completed and its done callbacks have run.
     pub async fn shutdown(&self, wait: bool, cancel_futures: bool) -> Result<()> {
         let pending: Vec<TaskFuture> = {
             let mut state = self.lock();
@@ -160,9 +165,10 @@ impl Executor {
             state.pending.values().cloned().collect()
         };
         if cancel_futures && !pending.is_empty() {
+            let running = self.running_ids().await?;
             let by_id: HashMap<String, &TaskFuture> = pending
                 .iter()
-                .filter(|f| !f.done())
+                .filter(|f| !f.done() && !running.contains(&f.id().to_string()))
                 .map(|f| (f.id().to_string(), f))
                 .collect();
             let ids: Vec<Uuid> = by_id.values().map(|f| f.id()).collect();
@@ -181,5 +187,29 @@ impl Executor {
             }
         }
         Ok(())
+    }
+}
+
+impl Executor {
+    /// Ids of every task running on the broker now (all queues, all pages).
+    async fn running_ids(&self) -> Result<HashSet<String>> {
+        let mut ids = HashSet::new();
+        let mut cursor = None;
+        loop {
+            let page = self
+                .client
+                .list_tasks(&ListTasks {
+                    state: Some(pb::TaskState::Running),
+                    limit: Some(1000),
+                    cursor: cursor.take(),
+                    ..Default::default()
+                })
+                .await?;
+            ids.extend(page.tasks.into_iter().map(|t| t.id));
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return Ok(ids),
+            }
+        }
     }
 }

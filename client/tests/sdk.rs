@@ -484,6 +484,11 @@ async fn shutdown_cancel_futures() -> Result<()> {
     let pool = Executor::new(client.clone());
     let quick = pool.submit(Task::new("noop")).await?;
     quick.result(Some(WAIT)).await?;
+    let running = pool.submit(sleep_task(1_000)).await?;
+    eventually(WAIT, "the sleep to run", || async {
+        running.running().await.ok().filter(|r| *r)
+    })
+    .await?;
     let pending: Vec<_> = pool
         .submit_many((0..5).map(|_| Task::new("noop").delay(Duration::from_secs(120))))
         .await?;
@@ -494,6 +499,8 @@ async fn shutdown_cancel_futures() -> Result<()> {
         ensure!(f.cancelled(), "{} not cancelled", f.id());
         ensure!(client.get(f.id()).await?.state() == pb::TaskState::Cancelled);
     }
+    // The running task was left to finish, and shutdown waited for it.
+    ensure!(running.done() && running.result_as::<u64>(None).await? == 1_000);
     ensure!(!quick.cancelled());
     Ok(())
 }
