@@ -14,7 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// Runs command-line tasks (`taskctl exec ...`) from a taskd broker.
 #[derive(Debug, Parser)]
-#[command(name = "taskworker", version, about)]
+#[command(name = "taskworker", version)]
 struct Args {
     /// The broker's URL (or host:port).
     #[arg(long, env = "TASKD_BROKER", default_value = "http://127.0.0.1:50051")]
@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, env = "TASKD_TOKEN", hide_env_values = true)]
     token: Option<String>,
 
-    /// The id the broker knows this worker by. Defaults to <hostname>-<pid>.
+    /// The id the broker knows this worker by. Defaults to HOSTNAME-PID.
     #[arg(long, env = "TASKWORKER_ID")]
     worker_id: Option<String>,
 
