@@ -68,6 +68,9 @@ async fn sdk_outcomes_retry_panic_typed_blocking_and_unregistered_names() {
         .typed_handler("add", |_ctx, input: (i64, i64)| async move {
             Ok::<_, TaskError>(input.0 + input.1)
         })
+        .typed_handler("big", |_ctx, len: usize| async move {
+            Ok::<_, TaskError>(vec![7u8; len])
+        })
         .blocking_handler("hash", |_ctx, payload| {
             let sum: u64 = payload.iter().map(|b| u64::from(*b)).sum();
             Ok(sum.to_string())
@@ -89,6 +92,8 @@ async fn sdk_outcomes_retry_panic_typed_blocking_and_unregistered_names() {
             task("add", "[40, 2]"),
             task("hash", "abc"),
             task("nobody-handles-this", "{}"),
+            task("big", "500000"),
+            task("big", "5000000"),
         ],
     )
     .await;
@@ -119,6 +124,13 @@ async fn sdk_outcomes_retry_panic_typed_blocking_and_unregistered_names() {
 
     assert_eq!(output(&wait_terminal(&mut c, &ids[4], T).await), b"42");
     assert_eq!(output(&wait_terminal(&mut c, &ids[5], T).await), b"294");
+
+    // A large result goes through; one above the broker's limit (4 MiB) fails for good.
+    let big = wait_terminal(&mut c, &ids[7], T).await;
+    assert_eq!(big.state(), pb::TaskState::Succeeded);
+    let too_big = wait_terminal(&mut c, &ids[8], T).await;
+    let e = failure(&too_big);
+    assert_eq!((e.kind.as_str(), e.retryable), ("result_too_large", false));
 
     // The worker outlived the panic and still runs tasks...
     let again = submit(&mut c, vec![task("echo", "\"again\"")]).await;
