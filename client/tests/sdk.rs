@@ -182,6 +182,31 @@ async fn connection_and_token_errors() -> Result<()> {
         Client::connect("https://127.0.0.1:1").await,
         Err(Error::InvalidArgument(_))
     ));
+    // Lazy: connecting succeeds, the first call reports the broker as unreachable.
+    let lazy = Client::builder("127.0.0.1:1")
+        .lazy(true)
+        .retry_budget(Duration::ZERO)
+        .connect()
+        .await?;
+    let r = lazy.list_queues().await;
+    ensure!(matches!(r, Err(Error::Connection { .. })), "{r:?}");
+
+    // A broker that goes away for good: calls retry for the budget, then fail as Connection.
+    let mut gone = broker(&[]).await?;
+    let short = Client::builder(gone.url())
+        .retry_budget(Duration::from_millis(500))
+        .connect()
+        .await?;
+    short.list_queues().await?;
+    gone.kill();
+    let start = Instant::now();
+    let r = short.submit(Task::new("noop")).await;
+    ensure!(matches!(r, Err(Error::Connection { .. })), "{r:?}");
+    ensure!(
+        start.elapsed() >= Duration::from_millis(400) && start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
 
     let taskd = broker(&["--token", "s3cret"]).await?;
     let anon = Client::connect(taskd.url()).await?;
