@@ -3,16 +3,18 @@
 # no container registry:
 #   1. makes the base image (deploy/base-image.sh; reused while present);
 #   2. builds the runtime-prebuilt image from the host-built binaries (target/debug by default);
-#   3. brings the stack up under a unique compose project with two workers on a free port;
+#   3. brings the stack up with a token under a unique compose project, two workers, a free port;
 #   4. submits exec tasks with taskctl from the host and checks that both workers ran some;
-#   5. parks tasks on a queue no worker serves, restarts the broker container, and checks that
-#      finished results and parked tasks survived and that the workers came back;
-#   6. tears everything down (containers, network, volumes, image), also on failure or timeout.
+#   5. parks tasks on a queue no worker serves, restarts the broker container, then replaces it
+#      (what an upgrade does), and checks each time that finished results and parked tasks
+#      survived and that the workers came back and run new tasks;
+#   6. brings a second stack up without a token (TASKD_TOKEN unset) and runs a task on it;
+#   7. tears everything down (containers, networks, volumes, image), also on failure or timeout.
 #
 # Env: TASKD_BIN_DIR (dir with taskd, taskworker, taskctl; default <repo>/target/debug),
+#      TASKD_BASE_IMAGE (default taskd-base:bookworm, made by deploy/base-image.sh),
 #      TASKD_COMPOSE_TEST_TIMEOUT (seconds for the whole run, default 420),
-#      TASKD_COMPOSE_TEST_TOKEN (token for the stack; default a random one, "none" for no token),
-#      TASKD_COMPOSE_TEST_KEEP=1 (leave the stack up for inspection; tear down by hand).
+#      TASKD_COMPOSE_TEST_KEEP=1 (leave the stacks up for inspection; tear down by hand).
 set -euo pipefail
 
 # The whole run is bounded: re-run this script under timeout (TERM, then KILL 60 s later).
@@ -24,8 +26,11 @@ fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN_DIR="${TASKD_BIN_DIR:-$ROOT/target/debug}"
 BASE_IMAGE="${TASKD_BASE_IMAGE:-taskd-base:bookworm}"
-PROJECT="taskd-ci-$$-${RANDOM}"
-IMAGE="taskd:${PROJECT}"
+RUN_ID="$$-${RANDOM}"
+PROJECT="taskd-ci-${RUN_ID}"          # the main stack (with a token)
+PROJECT_OPEN="taskd-ci-open-${RUN_ID}" # the second stack (no token)
+PROJECTS=()                           # those brought up, for the teardown
+IMAGE="taskd:ci-${RUN_ID}"
 EXEC_TASKS=20
 PARKED_TASKS=3
 PARKED_QUEUE="ci-parked"
@@ -49,27 +54,37 @@ elif command -v docker-compose >/dev/null 2>&1; then
 else
     fail "neither 'docker compose' nor 'docker-compose' is installed"
 fi
-compose() { "${COMPOSE_CMD[@]}" -p "$PROJECT" -f "$ROOT/docker-compose.yml" "$@"; }
+# compose_p PROJECT ARGS...: compose on our file under PROJECT.
+compose_p() {
+    local project=$1
+    shift
+    "${COMPOSE_CMD[@]}" -p "$project" -f "$ROOT/docker-compose.yml" "$@"
+}
+compose() { compose_p "$PROJECT" "$@"; }
 
 # ---- teardown, also on failure and on timeout --------------------------------------------------
 # A trap can fire while a command's output is redirected to a log; fds 3 and 4 keep the real ones.
 exec 3>&1 4>&2
 teardown() {
-    local rc=$?
+    local rc=$? project
     exec 1>&3 2>&4
     # Finish the teardown even when the timeout's TERM arrives now (KILL comes 60 s later).
     trap - EXIT
     trap '' INT TERM
-    if [ "$rc" -ne 0 ] || [ "$FAILED" -ne 0 ]; then
-        say "failed (exit $rc); last logs of the stack:"
-        compose logs --no-color --tail 40 2>&1 | sed 's/^/  | /' || true
-    fi
-    if [ "${TASKD_COMPOSE_TEST_KEEP:-}" = 1 ]; then
-        say "KEEP: project $PROJECT left up (${COMPOSE_CMD[*]} -p $PROJECT -f $ROOT/docker-compose.yml down -v)"
-    else
-        say "tearing down project $PROJECT"
-        compose down -v --remove-orphans -t 10 >"$WORK/down.log" 2>&1 ||
-            { say "compose down failed:"; cat "$WORK/down.log"; }
+    for project in "${PROJECTS[@]}"; do
+        if [ "$rc" -ne 0 ] || [ "$FAILED" -ne 0 ]; then
+            say "failed (exit $rc); last logs of $project:"
+            compose_p "$project" logs --no-color --tail 30 2>&1 | sed 's/^/  | /' || true
+        fi
+        if [ "${TASKD_COMPOSE_TEST_KEEP:-}" = 1 ]; then
+            say "KEEP: $project left up (${COMPOSE_CMD[*]} -p $project -f $ROOT/docker-compose.yml down -v)"
+            continue
+        fi
+        say "tearing down $project"
+        compose_p "$project" down -v --remove-orphans -t 10 >"$WORK/down.log" 2>&1 ||
+            { say "compose down of $project failed:"; cat "$WORK/down.log"; }
+    done
+    if [ "${TASKD_COMPOSE_TEST_KEEP:-}" != 1 ]; then
         docker image rm -f "$IMAGE" >/dev/null 2>&1 || true
     fi
     rm -rf "$WORK"
@@ -84,22 +99,29 @@ teardown() {
 trap teardown EXIT
 trap 'say "interrupted (timeout?)" >&3; exit 124' INT TERM
 
-# ---- the host's taskctl, with the token --------------------------------------------------------
+# ---- helpers -----------------------------------------------------------------------------------
 for bin in taskd taskworker taskctl; do
     [ -x "$BIN_DIR/$bin" ] ||
         fail "binary $BIN_DIR/$bin missing: cargo build -p taskd-server --bin taskd -p taskd-worker --bin taskworker -p taskd-client --bin taskctl"
 done
 TASKCTL="$BIN_DIR/taskctl"
-case "${TASKD_COMPOSE_TEST_TOKEN:-}" in
-    none) export TASKD_TOKEN="" ;;
-    "") TASKD_TOKEN="ci-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"; export TASKD_TOKEN ;;
-    *) export TASKD_TOKEN="$TASKD_COMPOSE_TEST_TOKEN" ;;
-esac
-unset TASKD_BROKER
-taskctl() { "$TASKCTL" --broker "127.0.0.1:$PORT" "$@"; }
+# Nothing of the caller's environment leaks into the stacks or the host's taskctl.
+unset TASKD_BROKER TASKD_TOKEN TASKWORKER_QUEUES TASKWORKER_CONCURRENCY TASKD_IMAGE TASKD_PORT
+TOKEN="ci-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 
-# json EXPR < input: evaluates a Python expression over the parsed JSON `j` and prints it.
-json() { python3 -c 'import json,sys; j=json.load(sys.stdin); r=eval(sys.argv[1]); print(r if not isinstance(r,(list,dict)) else json.dumps(r))' "$1"; }
+# taskctl ARGS...: the host's taskctl against the main stack, with its token.
+taskctl() { "$TASKCTL" --broker "127.0.0.1:$PORT" --token "$TOKEN" "$@"; }
+
+# json EXPR < input: prints a Python expression over the parsed JSON document `j`.
+json() {
+    python3 -c 'import json, sys
+j = json.load(sys.stdin)
+r = eval(sys.argv[1])
+print(json.dumps(r) if isinstance(r, (list, dict)) else r)' "$1"
+}
+
+# free_port: a TCP port free on 127.0.0.1 right now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # wait_for SECONDS WHAT CMD...: runs CMD every 0.5 s until it succeeds, at most SECONDS.
 wait_for() {
@@ -111,6 +133,16 @@ wait_for() {
         sleep 0.5
     done
 }
+
+# workers_connected N: at least N workers are connected to the main stack's broker.
+workers_connected() {
+    local n
+    n="$(taskctl --json workers | json 'sum(1 for w in j if w["connected"])')" || return 1
+    [ "$n" -ge "$1" ]
+}
+
+# field ID EXPR: EXPR over the JSON of `taskctl get ID`.
+field() { taskctl --json get "$1" | json "$2"; }
 
 # ---- 1. base image -----------------------------------------------------------------------------
 say "base image $BASE_IMAGE"
@@ -136,120 +168,119 @@ if ! docker build -f "$ROOT/Dockerfile" --target runtime-prebuilt \
 fi
 pass "image $IMAGE built"
 
-ldd_out="$(docker run --rm --entrypoint ldd "$IMAGE" /usr/local/bin/taskd 2>&1)" ||
-    fail "ldd of taskd in the image: $ldd_out"
-if grep -q 'not found' <<<"$ldd_out"; then fail "taskd misses libraries in the image: $ldd_out"; fi
+for bin in taskd taskworker taskctl; do
+    ldd_out="$(docker run --rm --entrypoint ldd "$IMAGE" "/usr/local/bin/$bin" 2>&1)" ||
+        fail "ldd of $bin in the image: $ldd_out"
+    if grep -q 'not found' <<<"$ldd_out"; then fail "$bin misses libraries in the image: $ldd_out"; fi
+done
 user="$(docker run --rm --entrypoint id "$IMAGE" -u)"
 [ "$user" = 10001 ] || fail "image runs as uid $user, want 10001"
-pass "image runs as uid 10001 and taskd's libraries resolve"
+pass "image runs as uid 10001; the libraries of all three binaries resolve"
 
-# ---- 3. the stack: broker + 2 workers on a free port -------------------------------------------
-PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-export TASKD_IMAGE="$IMAGE" TASKD_PORT="$PORT" TASKWORKER_CONCURRENCY=2
-say "compose up project $PROJECT, broker on 127.0.0.1:$PORT, 2 workers"
-if ! compose up -d --no-build --scale worker=2 >"$WORK/up.log" 2>&1; then
+# ---- 3. the main stack: token, broker + 2 workers on a free port -------------------------------
+PORT="$(free_port)"
+say "compose up $PROJECT: broker on 127.0.0.1:$PORT, 2 workers, token set"
+PROJECTS+=("$PROJECT")
+if ! TASKD_IMAGE="$IMAGE" TASKD_PORT="$PORT" TASKD_TOKEN="$TOKEN" TASKWORKER_CONCURRENCY=2 \
+    compose up -d --no-build --scale worker=2 >"$WORK/up.log" 2>&1; then
     cat "$WORK/up.log"
     fail "compose up"
 fi
 wait_for 60 "the broker to serve on 127.0.0.1:$PORT" taskctl health
-pass "broker healthy on 127.0.0.1:$PORT"
+pass "broker serves on 127.0.0.1:$PORT (published port)"
 
-broker_health() {
-    docker inspect --format '{{.State.Health.Status}}' "$(compose ps -q broker)"
-}
-[ "$(broker_health)" = healthy ] || fail "the broker container is not healthy: $(broker_health)"
-pass "the broker's compose healthcheck (taskctl health inside the container) says healthy"
+health="$(docker inspect --format '{{.State.Health.Status}}' "$(compose ps -q broker)")"
+[ "$health" = healthy ] || fail "the broker container is $health, want healthy"
+pass "the compose healthcheck (taskctl health inside the broker) says healthy"
 
-# Worker container hostnames (= short container ids), to match the tasks' outputs against.
-mapfile -t WORKER_IDS < <(compose ps -q worker)
-[ "${#WORKER_IDS[@]}" -eq 2 ] || fail "want 2 worker containers, have ${#WORKER_IDS[@]}"
+rc=0
+"$TASKCTL" --broker "127.0.0.1:$PORT" ls >/dev/null 2>&1 || rc=$?
+[ "$rc" -eq 4 ] || fail "taskctl ls without the token exited $rc, want 4 (token refused)"
+pass "a call without the token is refused (exit 4)"
+
+# Worker container hostnames (= short container ids): the tasks print them.
+mapfile -t worker_ids < <(compose ps -q worker)
+[ "${#worker_ids[@]}" -eq 2 ] || fail "want 2 worker containers, have ${#worker_ids[@]}"
 WORKER_HOSTS=()
-for id in "${WORKER_IDS[@]}"; do
+for id in "${worker_ids[@]}"; do
     WORKER_HOSTS+=("$(docker inspect --format '{{.Config.Hostname}}' "$id")")
 done
 say "worker containers: ${WORKER_HOSTS[*]}"
 
-workers_connected() {
-    local n
-    n="$(taskctl --json workers | json 'len(j["workers"] if isinstance(j, dict) else j)')" || return 1
-    [ "$n" -ge "$1" ]
-}
 wait_for 60 "2 workers to connect" workers_connected 2
-pass "2 workers connected"
+taskctl --json workers >"$WORK/workers.json"
+for host in "${WORKER_HOSTS[@]}"; do
+    json "[w['peer_addr'] for w in j if w['connected'] and w['host'] == '$host']" <"$WORK/workers.json" |
+        grep -q . || fail "worker container $host is not among the connected workers: $(cat "$WORK/workers.json")"
+done
+pass "both worker containers connected ($(json '", ".join(w["worker_id"] + " from " + w["peer_addr"] for w in j)' <"$WORK/workers.json"))"
 
 # ---- 4. exec tasks from the host, run by both workers ------------------------------------------
-say "submitting $EXEC_TASKS exec tasks"
+say "submitting $EXEC_TASKS exec tasks from the host"
 : >"$WORK/exec.ids"
 for i in $(seq 1 "$EXEC_TASKS"); do
-    taskctl --json exec -- sh -c 'sleep 0.2; hostname' >"$WORK/exec.$i.json" ||
+    taskctl --json exec -- sh -c 'sleep 0.2; hostname' >"$WORK/submit.json" ||
         fail "taskctl exec #$i"
-    json 'j["id"]' <"$WORK/exec.$i.json" >>"$WORK/exec.ids" || fail "no id in: $(cat "$WORK/exec.$i.json")"
+    json 'j["id"]' <"$WORK/submit.json" >>"$WORK/exec.ids" ||
+        fail "no id in the reply to exec #$i: $(cat "$WORK/submit.json")"
 done
-pass "$EXEC_TASKS exec tasks submitted"
+mapfile -t EXEC_IDS <"$WORK/exec.ids"
+rc=0
+taskctl wait --timeout 120s "${EXEC_IDS[@]}" >"$WORK/wait.log" 2>&1 || rc=$?
+[ "$rc" -eq 0 ] || { cat "$WORK/wait.log"; fail "taskctl wait for the $EXEC_TASKS tasks exited $rc"; }
+pass "$EXEC_TASKS exec tasks submitted from the host succeeded"
 
-# state_of ID: the task's state name from taskctl get --json.
-state_of() { taskctl --json get "$1" | json 'j["state"]'; }
-all_done() {
-    local id state
-    while read -r id; do
-        state="$(state_of "$id")" || return 1
-        case "$state" in *SUCCEEDED*) ;; *) return 1 ;; esac
-    done <"$WORK/exec.ids"
+# One line per task: state, the hostname it printed, the worker id of its last attempt.
+outcomes() {
+    local id
+    for id in "${EXEC_IDS[@]}"; do
+        field "$id" '" ".join([j["state"], j["outcome"]["exec"]["stdout"].strip(), j["attempts"][-1]["worker_id"]])' ||
+            return 1
+    done
 }
-wait_for 120 "$EXEC_TASKS exec tasks to succeed" all_done
-pass "$EXEC_TASKS exec tasks succeeded"
-
-# stdout_of ID: what the task printed.
-stdout_of() { taskctl --json get "$1" | json 'j["result"]["stdout"]'; }
-: >"$WORK/hosts"
-while read -r id; do
-    stdout_of "$id" >>"$WORK/hosts" || fail "reading the outcome of $id"
-done <"$WORK/exec.ids"
+outcomes >"$WORK/outcomes" || fail "reading the outcomes"
 for host in "${WORKER_HOSTS[@]}"; do
-    n="$(grep -cx "$host" "$WORK/hosts" || true)"
-    [ "$n" -ge 1 ] || fail "worker $host ran none of the $EXEC_TASKS tasks (hosts seen: $(sort "$WORK/hosts" | uniq -c | tr '\n' ' '))"
-    say "worker $host ran $n tasks"
+    ran="$(awk -v h="$host" '$1 == "succeeded" && $2 == h && index($3, h "-") == 1' "$WORK/outcomes" | wc -l)"
+    [ "$ran" -ge 1 ] || fail "worker $host ran none of the tasks: $(cut -d' ' -f2 "$WORK/outcomes" | sort | uniq -c | tr -s ' \n' ' ')"
+    say "worker $host ran $ran tasks"
 done
-pass "both workers ran tasks ($(sort "$WORK/hosts" | uniq -c | tr -s ' ' | tr '\n' ';'))"
+pass "both workers ran tasks (stdout hostnames agree with the attempts' worker ids)"
 
-# ---- 5. parked tasks, broker restart, durability -----------------------------------------------
+# ---- 5. parked tasks; broker restart, then broker replacement ----------------------------------
 : >"$WORK/parked.ids"
 for i in $(seq 1 "$PARKED_TASKS"); do
-    taskctl --json exec --queue "$PARKED_QUEUE" -- echo "parked $i" >"$WORK/parked.$i.json" ||
+    taskctl --json exec --queue "$PARKED_QUEUE" -- echo "parked $i" >"$WORK/submit.json" ||
         fail "submitting parked task #$i"
-    json 'j["id"]' <"$WORK/parked.$i.json" >>"$WORK/parked.ids"
+    json 'j["id"]' <"$WORK/submit.json" >>"$WORK/parked.ids"
 done
-while read -r id; do
-    state="$(state_of "$id")"
-    case "$state" in *QUEUED*) ;; *) fail "parked task $id is $state, want QUEUED" ;; esac
-done <"$WORK/parked.ids"
-pass "$PARKED_TASKS tasks queued on $PARKED_QUEUE (no worker serves it)"
+mapfile -t PARKED_IDS <"$WORK/parked.ids"
 
-cp "$WORK/hosts" "$WORK/hosts.before"
+# check_parked WHEN: every parked task is queued, and the queue counts them.
+check_parked() {
+    local id state depth
+    for id in "${PARKED_IDS[@]}"; do
+        state="$(field "$id" 'j["state"]')" || fail "get parked $id $1"
+        [ "$state" = queued ] || fail "parked task $id is $state $1, want queued"
+    done
+    depth="$(taskctl --json queues | json "sum(q['queued'] for q in j if q['name'] == '$PARKED_QUEUE')")"
+    [ "$depth" -eq "$PARKED_TASKS" ] || fail "queue $PARKED_QUEUE has $depth queued $1, want $PARKED_TASKS"
+    pass "$PARKED_TASKS tasks queued on $PARKED_QUEUE (no worker serves it) $1"
+}
+check_parked "before the restart"
 
 # check_durable WHEN: finished results unchanged, parked tasks still queued, workers back.
 check_durable() {
     wait_for 60 "the broker to serve again $1" taskctl health
-    pass "broker healthy again $1"
-
-    : >"$WORK/hosts"
-    while read -r id; do
-        state="$(state_of "$id")" || fail "get $id $1"
-        case "$state" in *SUCCEEDED*) ;; *) fail "finished task $id is $state $1" ;; esac
-        stdout_of "$id" >>"$WORK/hosts"
-    done <"$WORK/exec.ids"
-    cmp -s "$WORK/hosts" "$WORK/hosts.before" || fail "task outputs changed $1"
+    pass "broker serves again $1"
+    outcomes >"$WORK/outcomes.after" || fail "reading the outcomes $1"
+    cmp -s "$WORK/outcomes" "$WORK/outcomes.after" ||
+        fail "finished results changed $1: $(diff "$WORK/outcomes" "$WORK/outcomes.after" | head -5)"
     pass "$EXEC_TASKS finished results unchanged $1"
-
-    while read -r id; do
-        state="$(state_of "$id")" || fail "get parked $id $1"
-        case "$state" in *QUEUED*) ;; *) fail "parked task $id is $state $1, want QUEUED" ;; esac
-    done <"$WORK/parked.ids"
-    pass "$PARKED_TASKS parked tasks still queued $1"
-
+    check_parked "$1"
     wait_for 90 "both workers to reconnect $1" workers_connected 2
-    taskctl --json exec --wait -- hostname >"$WORK/after.json" || fail "exec --wait $1"
-    pass "workers reconnected and ran a new task $1"
+    taskctl --json exec --wait --wait-timeout 60s -- hostname >"$WORK/after.json" ||
+        fail "exec --wait $1: $(cat "$WORK/after.json")"
+    pass "both workers reconnected and a new task ran $1"
 }
 
 say "restarting the broker container (compose restart broker)"
@@ -259,9 +290,24 @@ check_durable "after compose restart broker"
 
 # A new broker container on the same named volume: what an upgrade to a new image does.
 say "replacing the broker container (compose up --force-recreate --no-deps broker)"
-compose up -d --no-build --force-recreate --no-deps broker >"$WORK/recreate.log" 2>&1 ||
-    { cat "$WORK/recreate.log"; fail "recreating the broker container"; }
+TASKD_IMAGE="$IMAGE" TASKD_PORT="$PORT" TASKD_TOKEN="$TOKEN" \
+    compose up -d --no-build --force-recreate --no-deps broker >"$WORK/recreate.log" 2>&1 ||
+    { cat "$WORK/recreate.log"; fail "replacing the broker container"; }
 check_durable "after the broker container was replaced"
 
-# ---- 6. teardown by the EXIT trap --------------------------------------------------------------
+# ---- 6. a stack without a token (TASKD_TOKEN unset) --------------------------------------------
+OPEN_PORT="$(free_port)"
+say "compose up $PROJECT_OPEN: no token, 1 worker, broker on 127.0.0.1:$OPEN_PORT"
+PROJECTS+=("$PROJECT_OPEN")
+if ! TASKD_IMAGE="$IMAGE" TASKD_PORT="$OPEN_PORT" \
+    compose_p "$PROJECT_OPEN" up -d --no-build >"$WORK/up-open.log" 2>&1; then
+    cat "$WORK/up-open.log"
+    fail "compose up without a token"
+fi
+out="$("$TASKCTL" --broker "127.0.0.1:$OPEN_PORT" exec --wait --wait-timeout 60s -- echo open-ok 2>&1)" ||
+    fail "exec --wait on the stack without a token: $out"
+[ "$out" = open-ok ] || fail "the task on the stack without a token printed '$out'"
+pass "stack without a token: healthy, and a task from the host ran"
+
+# ---- 7. teardown by the EXIT trap --------------------------------------------------------------
 say "all checks passed"
