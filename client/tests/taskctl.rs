@@ -684,6 +684,27 @@ async fn errors_are_one_line_with_distinct_exit_codes() -> Result<()> {
         run.code == 2 && run.error_line()?.contains("invalid argument"),
         "{run:?}"
     );
+    // A payload over the broker's limit: bad input too.
+    let dir = tempfile::tempdir()?;
+    let big = dir.path().join("big.json");
+    std::fs::write(&big, serde_json::to_vec(&"x".repeat(5 * 1024 * 1024))?)?;
+    let run = taskctl(
+        &url,
+        &[
+            "--token",
+            "right",
+            "submit",
+            "echo",
+            "--payload-file",
+            &big.display().to_string(),
+        ],
+        None,
+    )
+    .await?;
+    ensure!(
+        run.code == 2 && run.error_line()?.contains("payload"),
+        "{run:?}"
+    );
     // Task failure states from the broker still go through their codes.
     let client = taskd_client::Client::builder(&url)
         .token("right")

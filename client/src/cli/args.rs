@@ -9,7 +9,8 @@ const EXIT_CODES: &str = "\
 Exit status:
   0  success
   1  a task failed or was cancelled (wait, map: at least one); health: not serving
-  2  bad usage or input (unknown flag, bad JSON payload, bad id; or rejected by the broker)
+  2  bad usage or input (unknown flag, bad JSON payload, bad id; or refused by the broker
+     as invalid or too large)
   3  the broker cannot be reached
   4  the broker refused the token
   5  a task was not found

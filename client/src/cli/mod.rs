@@ -48,7 +48,7 @@ pub(crate) fn exit_code(e: &Error) -> u8 {
     match e {
         Error::Connection { .. } => exit::CONNECTION,
         Error::Unauthenticated(_) => exit::UNAUTHENTICATED,
-        Error::InvalidArgument(_) | Error::Decode(_) => exit::USAGE,
+        Error::InvalidArgument(_) | Error::ResourceExhausted(_) | Error::Decode(_) => exit::USAGE,
         Error::NotFound(_) => exit::NOT_FOUND,
         Error::Timeout(_) => exit::TIMEOUT,
         Error::TaskFailed { .. } | Error::Cancelled { .. } => exit::TASK_FAILED,
