@@ -199,12 +199,7 @@ pub fn new_task(
     if spec.result_ttl_ms == 0 {
         spec.result_ttl_ms = cfg.result_ttl.as_millis() as u64;
     }
-    let spec_bytes = spec.encode_to_vec();
-    Ok(NewTask {
-        id,
-        spec,
-        spec_bytes,
-    })
+    Ok(NewTask::new(id, spec))
 }
 
 /// Validates a worker's hello; an empty queue list means the default queue.

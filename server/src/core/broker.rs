@@ -140,7 +140,7 @@ impl Broker {
             .commit
             .iter()
             .filter_map(|op| match op {
-                WriteOp::State { id, .. } => Some(*id),
+                WriteOp::State { id, .. } | WriteOp::Submit { id, .. } => Some(*id),
                 _ => None,
             })
             .collect();
@@ -207,9 +207,16 @@ impl Broker {
     }
 
     /// Submits tasks; returns once every created task is durable.
-    pub async fn submit(&self, tasks: Vec<NewTask>) -> Result<Vec<pb::SubmitResult>, BrokerError> {
+    pub async fn submit(
+        &self,
+        mut tasks: Vec<NewTask>,
+    ) -> Result<Vec<pb::SubmitResult>, BrokerError> {
         self.check_open()?;
         let now = Now::now();
+        // Encode outside the lock (payloads may be large).
+        for t in &mut tasks {
+            t.record = t.encode(now);
+        }
         let (results, ack, activate) = {
             let mut st = self.lock();
             let mut eff = Effects::default();

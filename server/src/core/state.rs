@@ -101,15 +101,63 @@ pub trait WatchSink: Send + Sync {
     fn close(&self, reason: CloseReason);
 }
 
-/// A task ready to be submitted: validated, defaults filled in, spec encoded (outside the lock).
+/// A task ready to be submitted: validated, defaults filled in.
 #[derive(Debug, Clone)]
 pub struct NewTask {
     /// Its id (client-chosen or a fresh UUIDv7).
     pub id: Uuid,
     /// The spec with defaults filled in and `delay_ms` folded into `not_before_unix_ms`.
     pub spec: pb::TaskSpec,
-    /// `spec` encoded.
-    pub spec_bytes: Vec<u8>,
+    /// The encoded submit record ([`NewTask::encode`]), made before the state lock is taken;
+    /// empty: encoded under the lock.
+    pub record: Vec<u8>,
+}
+
+impl NewTask {
+    /// A task to submit.
+    pub fn new(id: Uuid, spec: pb::TaskSpec) -> NewTask {
+        NewTask {
+            id,
+            spec,
+            record: Vec::new(),
+        }
+    }
+
+    /// The task's state when submitted at `now`.
+    pub fn initial_state(&self, now: Now) -> pb::TaskState {
+        if self.spec.not_before_unix_ms > now.wall_ms {
+            pb::TaskState::Scheduled
+        } else {
+            pb::TaskState::Queued
+        }
+    }
+
+    /// The state record of the task as submitted at `now` (`spec` unset).
+    pub fn initial_record(&self, now: Now) -> pb::Task {
+        let state = self.initial_state(now);
+        pb::Task {
+            id: self.id.to_string(),
+            state: state as i32,
+            submitted_at_unix_ms: now.wall_ms,
+            not_before_unix_ms: if state == pb::TaskState::Scheduled {
+                self.spec.not_before_unix_ms
+            } else {
+                0
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Encodes the submit record: the initial state with the spec (and payload) inside,
+    /// without copying the payload.
+    pub fn encode(&self, now: Now) -> Vec<u8> {
+        let rec = self.initial_record(now);
+        let mut buf = Vec::with_capacity(rec.encoded_len() + self.spec.encoded_len() + 8);
+        rec.encode(&mut buf).unwrap_or_default();
+        // Field 2 of `Task` is `spec`; protobuf fields may come in any order.
+        prost::encoding::message::encode(2, &self.spec, &mut buf);
+        buf
+    }
 }
 
 /// Identifies one worker connection.
@@ -118,7 +166,7 @@ pub type ConnId = u64;
 /// A task in memory.
 #[derive(Debug)]
 pub struct TaskEntry {
-    /// The spec (payload included).
+    /// The spec (payload included; `id` left empty in memory, `rec.id` has it).
     pub spec: pb::TaskSpec,
     /// The state record as persisted (`spec` unset).
     pub rec: pb::Task,

@@ -2,7 +2,6 @@
 
 use std::ops::Bound;
 
-use prost::Message;
 use taskd_proto::pb;
 use uuid::Uuid;
 
@@ -41,7 +40,7 @@ impl State {
         eff: &mut Effects,
     ) -> Vec<pb::SubmitResult> {
         let mut results = Vec::with_capacity(tasks.len());
-        for nt in tasks {
+        for mut nt in tasks {
             if self.tasks.contains_key(&nt.id) {
                 results.push(pb::SubmitResult {
                     id: nt.id.to_string(),
@@ -59,25 +58,20 @@ impl State {
                 }
                 self.idem.insert(nt.spec.idempotency_key.clone(), nt.id);
             }
-            let id_s = nt.id.to_string();
-            let scheduled = nt.spec.not_before_unix_ms > now.wall_ms;
-            let rec = pb::Task {
-                id: id_s.clone(),
-                state: pb::TaskState::Unspecified as i32,
-                submitted_at_unix_ms: now.wall_ms,
-                not_before_unix_ms: if scheduled {
-                    nt.spec.not_before_unix_ms
-                } else {
-                    0
-                },
-                ..Default::default()
+            let initial = nt.initial_state(now);
+            let mut rec = nt.initial_record(now);
+            let id_s = rec.id.clone();
+            rec.state = pb::TaskState::Unspecified as i32;
+            let bytes = if nt.record.is_empty() {
+                nt.encode(now)
+            } else {
+                std::mem::take(&mut nt.record)
             };
-            eff.commit.push(WriteOp::Spec {
-                id: nt.id,
-                bytes: nt.spec_bytes,
-            });
+            eff.commit.push(WriteOp::Submit { id: nt.id, bytes });
+            let mut spec = nt.spec;
+            spec.id = String::new();
             let entry = TaskEntry {
-                spec: nt.spec,
+                spec,
                 rec,
                 ready_seq: 0,
                 holder: None,
@@ -88,17 +82,7 @@ impl State {
                 outcome_attempt: 0,
             };
             self.tasks.insert(nt.id, entry);
-            self.set_state(
-                &nt.id,
-                if scheduled {
-                    pb::TaskState::Scheduled
-                } else {
-                    pb::TaskState::Queued
-                },
-            );
-            if let Some(t) = self.tasks.get(&nt.id) {
-                eff.commit.push(t.state_op(nt.id));
-            }
+            self.set_state(&nt.id, initial);
             eff.activate.push(nt.id);
             results.push(pb::SubmitResult {
                 id: id_s,
@@ -235,29 +219,10 @@ impl State {
         spec.idempotency_key.clear();
         spec.not_before_unix_ms = 0;
         spec.delay_ms = 0;
-        let spec_bytes = spec.encode_to_vec();
-        let results = self.submit(
-            now,
-            vec![super::NewTask {
-                id: new_id,
-                spec,
-                spec_bytes,
-            }],
-            eff,
-        );
-        let _ = results;
+        self.submit(now, vec![super::NewTask::new(new_id, spec)], eff);
         if let Some(n) = self.tasks.get_mut(&new_id) {
             n.rec.retry_of = id.to_string();
-            // The state op pushed by submit is rewritten with the link.
-            let op = n.state_op(new_id);
-            if let Some(last) = eff
-                .commit
-                .iter_mut()
-                .rev()
-                .find(|o| matches!(o, WriteOp::State { id, .. } if *id == new_id))
-            {
-                *last = op;
-            }
+            eff.commit.push(n.state_op(new_id));
         }
         if let Some(old) = self.tasks.get_mut(&id) {
             old.rec.retried_by = new_id.to_string();

@@ -3,7 +3,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prost::Message;
 use taskd_proto::pb;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -91,11 +90,7 @@ fn task(name: &str, priority: i32) -> NewTask {
         result_ttl_ms: 3_600_000,
         ..Default::default()
     };
-    NewTask {
-        id,
-        spec_bytes: spec.encode_to_vec(),
-        spec,
-    }
+    NewTask::new(id, spec)
 }
 
 /// Submits and activates (as if the commit were durable).

@@ -66,7 +66,7 @@ impl std::fmt::Debug for Committer {
 
 fn op_bytes(op: &WriteOp) -> usize {
     match op {
-        WriteOp::Spec { bytes, .. } | WriteOp::State { bytes, .. } => bytes.len() + 17,
+        WriteOp::Submit { bytes, .. } | WriteOp::State { bytes, .. } => bytes.len() + 17,
         WriteOp::Delete { .. } => 34,
     }
 }
@@ -329,7 +329,6 @@ mod tests {
     #[tokio::test]
     async fn broker_acknowledges_nothing_when_the_store_fails() {
         use crate::core::{Broker, CoreConfig, NewTask};
-        use prost::Message;
         use taskd_proto::pb;
         let c = Arc::new(Committer::start(Arc::new(FailingStore)));
         let cfg = CoreConfig {
@@ -348,13 +347,7 @@ mod tests {
             max_attempts: 1,
             ..Default::default()
         };
-        let res = broker
-            .submit(vec![NewTask {
-                id,
-                spec_bytes: spec.encode_to_vec(),
-                spec,
-            }])
-            .await;
+        let res = broker.submit(vec![NewTask::new(id, spec)]).await;
         assert!(res.is_err(), "submit must fail when the flush fails");
         // The failed submit left nothing behind.
         assert!(broker.get(id, None).await.is_err());

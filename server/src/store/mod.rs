@@ -4,9 +4,10 @@
 //! groups them (one writer thread, one atomic batch and one flush per group) and a [`Store`]
 //! applies them. A second backend (say PostgreSQL) implements [`Store`] and nothing else.
 //!
-//! A task is two records: its spec (written once, at submit; carries the payload) and its
-//! state (a `pb::Task` without the spec; rewritten at assignment, outcome, cancel). Keeping them
-//! apart means the payload is written once, not at every state change.
+//! A task is one or two records: its submit record (a `pb::Task` with the spec and payload
+//! and the initial state, written once) and, after its first change, a state record (a
+//! `pb::Task` without the spec; rewritten at assignment, outcome, cancel). The payload is
+//! written once, and a submit costs one write.
 
 pub mod committer;
 pub mod sled;
@@ -17,11 +18,11 @@ use uuid::Uuid;
 /// One change to the store.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    /// Puts a task's spec record (an encoded `pb::TaskSpec`).
-    Spec {
+    /// Puts a task's submit record (an encoded `pb::Task` with its spec and initial state).
+    Submit {
         /// The task.
         id: Uuid,
-        /// The encoded spec.
+        /// The encoded record.
         bytes: Vec<u8>,
     },
     /// Puts a task's state record (an encoded `pb::Task` whose `spec` is unset).

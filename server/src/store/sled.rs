@@ -1,6 +1,7 @@
 //! The sled backend.
 //!
-//! Layout: tree `tasks` with keys `<16 id bytes><kind>` (kind 0 = spec, 1 = state), so both
+//! Layout: tree `tasks` with keys `<16 id bytes><kind>` (kind 0 = submit record, 1 = state
+//! record; see [`super`]), so both
 //! records of a task sit together and one sled batch of a single tree holds a whole group
 //! (sled batches are per tree; a second tree would need a transaction, which is slower).
 //! The idempotency index is rebuilt from the specs, which carry the key, so it survives
@@ -19,7 +20,7 @@ use crate::config::SyncMode;
 
 /// The store format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
-const KIND_SPEC: u8 = 0;
+const KIND_SUBMIT: u8 = 0;
 const KIND_STATE: u8 = 1;
 
 /// A hook that replaces the fdatasync step (tests inject failures with it).
@@ -153,7 +154,8 @@ impl SledStore {
 impl Store for SledStore {
     fn load(&self) -> Result<Vec<StoredTask>, StoreError> {
         let mut out = Vec::new();
-        let mut spec: Option<(Uuid, pb::TaskSpec)> = None;
+        // A submit record waiting for a possible state record of the same task.
+        let mut pending: Option<(Uuid, pb::TaskSpec, pb::Task)> = None;
         for item in self.tasks.iter() {
             let (k, v) = item.map_err(|e| StoreError::Write(e.to_string()))?;
             let corrupt = |reason: String| StoreError::Corrupt {
@@ -165,19 +167,27 @@ impl Store for SledStore {
             }
             let id = Uuid::from_slice(&k[..16]).map_err(|e| corrupt(e.to_string()))?;
             match k[16] {
-                KIND_SPEC => {
-                    let s = pb::TaskSpec::decode(v.as_ref()).map_err(|e| corrupt(e.to_string()))?;
-                    spec = Some((id, s));
+                KIND_SUBMIT => {
+                    if let Some((_, spec, state)) = pending.take() {
+                        out.push(StoredTask { spec, state });
+                    }
+                    let mut t = pb::Task::decode(v.as_ref()).map_err(|e| corrupt(e.to_string()))?;
+                    let mut spec = t.spec.take().unwrap_or_default();
+                    spec.id = String::new();
+                    pending = Some((id, spec, t));
                 }
                 KIND_STATE => {
                     let state = pb::Task::decode(v.as_ref()).map_err(|e| corrupt(e.to_string()))?;
-                    match spec.take() {
-                        Some((sid, s)) if sid == id => out.push(StoredTask { spec: s, state }),
-                        _ => return Err(corrupt("state record without its spec".into())),
+                    match pending.take() {
+                        Some((sid, spec, _)) if sid == id => out.push(StoredTask { spec, state }),
+                        _ => return Err(corrupt("state record without its submit record".into())),
                     }
                 }
                 other => return Err(corrupt(format!("unknown record kind {other}"))),
             }
+        }
+        if let Some((_, spec, state)) = pending.take() {
+            out.push(StoredTask { spec, state });
         }
         Ok(out)
     }
@@ -186,12 +196,14 @@ impl Store for SledStore {
         let mut batch = sled::Batch::default();
         for op in ops {
             match op {
-                WriteOp::Spec { id, bytes } => batch.insert(&key(id, KIND_SPEC), bytes.as_slice()),
+                WriteOp::Submit { id, bytes } => {
+                    batch.insert(&key(id, KIND_SUBMIT), bytes.as_slice())
+                }
                 WriteOp::State { id, bytes } => {
                     batch.insert(&key(id, KIND_STATE), bytes.as_slice())
                 }
                 WriteOp::Delete { id } => {
-                    batch.remove(&key(id, KIND_SPEC));
+                    batch.remove(&key(id, KIND_SUBMIT));
                     batch.remove(&key(id, KIND_STATE));
                 }
             }
