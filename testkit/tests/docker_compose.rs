@@ -27,9 +27,10 @@ fn docker_unavailable() -> Option<String> {
     };
     match child.wait_timeout(Duration::from_secs(30)) {
         Ok(Some(0)) => None,
-        Ok(code) => Some(format!(
-            "`docker info` failed (exit {code:?}): is the Docker engine running?"
+        Ok(Some(code)) => Some(format!(
+            "`docker info` failed (exit {code}): is the Docker engine running and reachable?"
         )),
+        Ok(None) => Some("`docker info` was killed by a signal".to_string()),
         Err(err) => Some(format!("`docker info` did not answer: {err:#}")),
     }
 }
@@ -57,8 +58,8 @@ fn docker_compose_stack_runs_tasks_on_two_workers_and_survives_broker_restart() 
     }
     if let Some(why) = docker_unavailable() {
         bail!(
-            "the docker compose deployment test needs a Docker engine: {why}. \
-             Set TASKD_SKIP_DOCKER=1 to skip it on a machine without Docker."
+            "the docker compose deployment test needs a Docker engine: {why} \
+             (set TASKD_SKIP_DOCKER=1 to skip it on a machine without Docker)"
         );
     }
     let bins = bin_dir()?;
