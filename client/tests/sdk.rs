@@ -335,6 +335,7 @@ async fn as_completed_yields_in_completion_order() -> Result<()> {
     let futs = client
         .submit_many([sleep_task(1500), sleep_task(100), sleep_task(800)])
         .await?;
+    let calls = client.calls_made();
     let expected = vec![futs[1].id(), futs[2].id(), futs[0].id()];
     let order: Vec<_> = as_completed(futs.clone(), Some(WAIT))
         .map(|r| r.map(|f| f.id()))
@@ -343,6 +344,12 @@ async fn as_completed_yields_in_completion_order() -> Result<()> {
         .into_iter()
         .collect::<Result<_, _>>()?;
     ensure!(order == expected, "order {order:?}, expected {expected:?}");
+    // Completions were pushed on the watch stream: no unary call (no polling) meanwhile.
+    ensure!(
+        client.calls_made() == calls,
+        "{} calls while waiting",
+        client.calls_made() - calls
+    );
 
     // Already-done futures come first; a timeout ends the stream with Err(Timeout).
     let slow = client.submit(sleep_task(5_000)).await?;
