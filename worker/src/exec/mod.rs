@@ -161,6 +161,15 @@ impl Exec {
             );
         };
         let cwd = (!spec.cwd.is_empty()).then(|| Path::new(&spec.cwd));
+        if let Some(dir) = cwd {
+            if !dir.is_dir() {
+                return Err(TaskError::fatal(format!(
+                    "the working directory {:?} does not exist on this worker",
+                    spec.cwd
+                ))
+                .with_kind(KIND_SPAWN));
+            }
+        }
         let program = resolve::resolve(argv0, spec.env.get("PATH").map(String::as_str), cwd)
             .map_err(|reason| TaskError::fatal(reason).with_kind(KIND_SPAWN))?;
         if let Some(allow) = &self.allow {
