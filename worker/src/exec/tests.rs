@@ -212,6 +212,11 @@ async fn bad_payloads_and_missing_programs_fail_for_good() {
     assert_eq!(err.kind(), crate::error::KIND_BAD_PAYLOAD);
     let (err, _) = run(&exec, &ctx(), &spec(&[])).await.unwrap_err();
     assert_eq!(err.kind(), crate::error::KIND_BAD_PAYLOAD);
+    let mut bad_cwd = spec(&["true"]);
+    bad_cwd.cwd = "/no/such/dir".into();
+    let (err, _) = run(&exec, &ctx(), &bad_cwd).await.unwrap_err();
+    assert_eq!(err.kind(), KIND_SPAWN);
+    assert!(err.message().contains("working directory"), "{err}");
     let (err, _) = run(&exec, &ctx(), &spec(&["no-such-program-xyz"]))
         .await
         .unwrap_err();
