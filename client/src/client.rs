@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::BoxStream;
 use prost::Message;
 use taskd_proto::pb;
 use taskd_proto::pb::task_service_client::TaskServiceClient;
@@ -357,69 +357,24 @@ impl Client {
         Ok(resp.into_inner().status())
     }
 
-    /// Opens a dedicated Watch stream for these ids and queues and yields each completed task
-    /// as the broker reports it (ids the broker does not know end the stream with
-    /// [`Error::NotFound`]). Unlike futures, this stream does not reconnect: it ends with an
-    /// error when the broker goes away.
+    /// Opens a dedicated Watch stream (not the one shared by futures) for these ids and
+    /// queues, and yields each completed task as the broker reports it; an id the broker does
+    /// not know yields [`Error::NotFound`]. The stream reconnects after a broker restart (for
+    /// up to the retry budget per outage), adding again the ids not reported yet. It never
+    /// ends by itself while it watches a queue or an unreported id.
     pub async fn watch(
         &self,
         ids: &[Uuid],
         queues: &[String],
     ) -> Result<BoxStream<'static, Result<pb::Task>>> {
-        let request = pb::WatchRequest {
-            add_ids: ids.iter().map(Uuid::to_string).collect(),
-            add_queues: queues.to_vec(),
-            ..Default::default()
-        };
-        // Keep the request side open (a closed request stream may end the call).
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let _ = tx.send(request);
-        let mut rpc = self.inner.rpc.clone();
-        let stream = rpc
-            .watch(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-            .await
-            .map_err(|s| Error::from_status(&s, &self.inner.url))?
-            .into_inner();
-        let url = self.inner.url.clone();
-        Ok(futures::stream::unfold(
-            (
-                stream,
-                tx,
-                std::collections::VecDeque::<Result<pb::Task>>::new(),
-                false,
-            ),
-            move |(mut stream, tx, mut buf, ended)| {
-                let url = url.clone();
-                async move {
-                    loop {
-                        if let Some(item) = buf.pop_front() {
-                            return Some((item, (stream, tx, buf, ended)));
-                        }
-                        if ended {
-                            return None;
-                        }
-                        match stream.message().await {
-                            Ok(Some(resp)) => {
-                                buf.extend(resp.completed.into_iter().map(Ok));
-                                for id in resp.unknown_ids {
-                                    buf.push_back(Err(Error::NotFound(format!(
-                                        "task {id} is not known to the broker"
-                                    ))));
-                                }
-                            }
-                            Ok(None) => return None,
-                            Err(s) => {
-                                return Some((
-                                    Err(Error::from_status(&s, &url)),
-                                    (stream, tx, buf, true),
-                                ));
-                            }
-                        }
-                    }
-                }
-            },
+        crate::events::open(
+            self.inner.rpc.clone(),
+            self.inner.url.clone(),
+            ids.iter().map(Uuid::to_string).collect(),
+            queues.to_vec(),
+            self.inner.options.retry_budget,
         )
-        .boxed())
+        .await
     }
 }
 

@@ -731,3 +731,55 @@ async fn errors_are_one_line_with_distinct_exit_codes() -> Result<()> {
     let _ = pb::TaskState::Cancelled;
     Ok(())
 }
+
+#[tokio::test]
+async fn watch_survives_a_broker_restart() -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut taskd = broker(&[]).await?;
+    let url = taskd.url();
+    let _w = taskworker(&taskd, 2, &[])?;
+    let client = client(&taskd).await?;
+    let fut = client
+        .submit(Task::exec(["sh", "-c", "sleep 1.5; echo survived"]))
+        .await?;
+    let mut cmd = tokio::process::Command::new(taskd_testkit::binary_path("taskctl")?);
+    cmd.args([
+        "--broker",
+        &url,
+        "watch",
+        &fut.id().to_string(),
+        "--json",
+        "--wait-timeout",
+        "60s",
+    ])
+    .env_remove("TASKD_TOKEN")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let first = tokio::time::timeout(WAIT, lines.next_line())
+        .await??
+        .unwrap_or_default();
+    ensure!(first.starts_with("taskctl: watching"), "{first}");
+    taskd_testkit::eventually(WAIT, "the task to run", || async {
+        client
+            .get(fut.id())
+            .await
+            .ok()
+            .filter(|t| t.state() == pb::TaskState::Running)
+    })
+    .await?;
+    taskd.kill();
+    taskd.restart().await?;
+    let out = tokio::time::timeout(WAIT, child.wait_with_output()).await??;
+    ensure!(out.status.code() == Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let event: Value = serde_json::from_str(stdout.trim())?;
+    ensure!(
+        event["state"] == "succeeded" && event["outcome"]["exec"]["stdout"] == "survived\n",
+        "{stdout}"
+    );
+    Ok(())
+}
