@@ -68,8 +68,11 @@ async fn sdk_outcomes_retry_panic_typed_blocking_and_unregistered_names() {
         .typed_handler("add", |_ctx, input: (i64, i64)| async move {
             Ok::<_, TaskError>(input.0 + input.1)
         })
-        .typed_handler("big", |_ctx, len: usize| async move {
-            Ok::<_, TaskError>(vec![7u8; len])
+        .handler("big", |_ctx, len: Vec<u8>| async move {
+            let len: usize = String::from_utf8_lossy(&len)
+                .parse()
+                .map_err(TaskError::fatal)?;
+            Ok(vec![b'7'; len])
         })
         .blocking_handler("hash", |_ctx, payload| {
             let sum: u64 = payload.iter().map(|b| u64::from(*b)).sum();
@@ -92,7 +95,7 @@ async fn sdk_outcomes_retry_panic_typed_blocking_and_unregistered_names() {
             task("add", "[40, 2]"),
             task("hash", "abc"),
             task("nobody-handles-this", "{}"),
-            task("big", "500000"),
+            task("big", "1000000"),
             task("big", "5000000"),
         ],
     )
@@ -127,7 +130,7 @@ async fn sdk_outcomes_retry_panic_typed_blocking_and_unregistered_names() {
 
     // A large result goes through; one above the broker's limit (4 MiB) fails for good.
     let big = wait_terminal(&mut c, &ids[7], T).await;
-    assert_eq!(big.state(), pb::TaskState::Succeeded);
+    assert_eq!(output(&big).len(), 1_000_000);
     let too_big = wait_terminal(&mut c, &ids[8], T).await;
     let e = failure(&too_big);
     assert_eq!((e.kind.as_str(), e.retryable), ("result_too_large", false));
