@@ -41,7 +41,8 @@ pub struct Config {
     pub token: Option<String>,
     /// Worker threads to start in-process (wired by `main`, not by [`crate::run`]). Defaults to 0.
     pub local_workers: u32,
-    /// sled page cache size in bytes. Defaults to 128 MiB.
+    /// sled page cache size in bytes. Defaults to 64 MiB (the broker reads the store only at
+    /// start; the cache serves writes).
     pub cache_capacity: u64,
 }
 
@@ -61,7 +62,7 @@ impl Default for Config {
             sync: SyncMode::Fsync,
             token: None,
             local_workers: 0,
-            cache_capacity: 128 * 1024 * 1024,
+            cache_capacity: 64 * 1024 * 1024,
         }
     }
 }

@@ -158,7 +158,7 @@ impl State {
         });
         eff.behind.push(t.state_op(id));
         let a = pb::Assignment {
-            task_id: t.rec.id.clone(),
+            task_id: id.to_string(),
             attempt: t.rec.attempt,
             queue: t.spec.queue.clone(),
             name: t.spec.name.clone(),

@@ -163,13 +163,93 @@ impl NewTask {
 /// Identifies one worker connection.
 pub type ConnId = u64;
 
+/// The mutable part of a task: what its state record persists (a `pb::Task` without the spec
+/// and id), kept smaller than `pb::Task` in memory.
+#[derive(Debug, Clone, Default)]
+pub struct Rec {
+    /// `pb::TaskState` as i32.
+    pub state: i32,
+    /// Current attempt number.
+    pub attempt: u32,
+    /// Attempts that started.
+    pub attempts: Vec<pb::Attempt>,
+    /// Set once terminal.
+    pub outcome: Option<Box<pb::Outcome>>,
+    /// Submit time.
+    pub submitted_at_unix_ms: u64,
+    /// When a SCHEDULED task becomes ready.
+    pub not_before_unix_ms: u64,
+    /// When it became terminal.
+    pub finished_at_unix_ms: u64,
+    /// When it is swept.
+    pub expires_at_unix_ms: u64,
+    /// The task this one retries.
+    pub retry_of: Option<Uuid>,
+    /// The task retrying this one.
+    pub retried_by: Option<Uuid>,
+    /// A cancel was asked while running.
+    pub cancel_requested: bool,
+}
+
+fn opt_id(s: &str) -> Option<Uuid> {
+    if s.is_empty() { None } else { s.parse().ok() }
+}
+
+fn id_text(id: &Option<Uuid>) -> String {
+    id.map(|u| u.to_string()).unwrap_or_default()
+}
+
+impl Rec {
+    /// From a decoded state record.
+    pub fn from_pb(t: pb::Task) -> Rec {
+        Rec {
+            state: t.state,
+            attempt: t.attempt,
+            attempts: t.attempts,
+            outcome: t.outcome.map(Box::new),
+            submitted_at_unix_ms: t.submitted_at_unix_ms,
+            not_before_unix_ms: t.not_before_unix_ms,
+            finished_at_unix_ms: t.finished_at_unix_ms,
+            expires_at_unix_ms: t.expires_at_unix_ms,
+            retry_of: opt_id(&t.retry_of),
+            retried_by: opt_id(&t.retried_by),
+            cancel_requested: t.cancel_requested,
+        }
+    }
+
+    /// As a `pb::Task` (no spec); with the attempts history when `attempts`.
+    pub fn to_pb(&self, id: &Uuid, attempts: bool) -> pb::Task {
+        pb::Task {
+            id: id.to_string(),
+            spec: None,
+            state: self.state,
+            attempt: self.attempt,
+            attempts: if attempts {
+                self.attempts.clone()
+            } else {
+                Vec::new()
+            },
+            outcome: self.outcome.as_deref().cloned(),
+            submitted_at_unix_ms: self.submitted_at_unix_ms,
+            not_before_unix_ms: self.not_before_unix_ms,
+            finished_at_unix_ms: self.finished_at_unix_ms,
+            retry_of: id_text(&self.retry_of),
+            retried_by: id_text(&self.retried_by),
+            cancel_requested: self.cancel_requested,
+            expires_at_unix_ms: self.expires_at_unix_ms,
+        }
+    }
+}
+
 /// A task in memory.
 #[derive(Debug)]
 pub struct TaskEntry {
-    /// The spec (payload included; `id` left empty in memory, `rec.id` has it).
+    /// The task's id.
+    pub id: Uuid,
+    /// The spec (payload included; `id` left empty in memory).
     pub spec: pb::TaskSpec,
-    /// The state record as persisted (`spec` unset).
-    pub rec: pb::Task,
+    /// The state as persisted in the state record.
+    pub rec: Rec,
     /// Sequence of the task's current ready-queue entry (stale entries are skipped).
     pub ready_seq: u64,
     /// The connection holding the lease while RUNNING.
@@ -201,23 +281,9 @@ impl TaskEntry {
     /// The task for a reader: the record plus the spec; without the attempts history and the
     /// payload when `summary`.
     pub fn to_pb(&self, summary: bool) -> pb::Task {
-        let mut t = if summary {
-            pb::Task {
-                attempts: Vec::new(),
-                outcome: self.rec.outcome.clone(),
-                id: self.rec.id.clone(),
-                retry_of: self.rec.retry_of.clone(),
-                retried_by: self.rec.retried_by.clone(),
-                ..self.rec.clone_shallow()
-            }
-        } else {
-            self.rec.clone()
-        };
+        let mut t = self.rec.to_pb(&self.id, !summary);
         let mut spec = if summary {
-            pb::TaskSpec {
-                payload: Vec::new(),
-                ..self.spec.clone_without_payload()
-            }
+            self.spec.clone_without_payload()
         } else {
             self.spec.clone()
         };
@@ -230,38 +296,13 @@ impl TaskEntry {
     pub fn state_op(&self, id: Uuid) -> WriteOp {
         WriteOp::State {
             id,
-            bytes: self.rec.encode_to_vec(),
+            bytes: self.rec.to_pb(&id, true).encode_to_vec(),
         }
     }
 
     /// Number of attempts that started.
     pub fn runs(&self) -> u32 {
         self.rec.attempts.len() as u32
-    }
-}
-
-/// Cheap clones that leave the big fields out.
-trait CloneShallow {
-    fn clone_shallow(&self) -> Self;
-}
-
-impl CloneShallow for pb::Task {
-    fn clone_shallow(&self) -> Self {
-        pb::Task {
-            id: String::new(),
-            spec: None,
-            state: self.state,
-            attempt: self.attempt,
-            attempts: Vec::new(),
-            outcome: None,
-            submitted_at_unix_ms: self.submitted_at_unix_ms,
-            not_before_unix_ms: self.not_before_unix_ms,
-            finished_at_unix_ms: self.finished_at_unix_ms,
-            retry_of: String::new(),
-            retried_by: String::new(),
-            cancel_requested: self.cancel_requested,
-            expires_at_unix_ms: self.expires_at_unix_ms,
-        }
     }
 }
 
@@ -398,8 +439,9 @@ pub struct Effects {
 pub struct State {
     /// Settings.
     pub cfg: CoreConfig,
-    /// Every task, by id (time-ordered for broker ids, so pages are submit-ordered).
-    pub tasks: BTreeMap<Uuid, TaskEntry>,
+    /// Every task, by id (time-ordered for broker ids, so pages are submit-ordered). Boxed:
+    /// B-tree nodes hold values inline and are often half full, so big values waste memory.
+    pub tasks: BTreeMap<Uuid, Box<TaskEntry>>,
     /// Idempotency key → task.
     pub idem: HashMap<String, Uuid>,
     /// Queues by name.
@@ -533,7 +575,7 @@ impl State {
         let Some(t) = self.tasks.get_mut(&id) else {
             return;
         };
-        t.rec.outcome = Some(outcome);
+        t.rec.outcome = Some(Box::new(outcome));
         t.rec.finished_at_unix_ms = now.wall_ms;
         t.rec.not_before_unix_ms = 0;
         t.rec.cancel_requested = false;

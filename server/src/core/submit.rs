@@ -5,7 +5,7 @@ use std::ops::Bound;
 use taskd_proto::pb;
 use uuid::Uuid;
 
-use super::state::{Effects, Now, State, TaskEntry, TimerKind};
+use super::state::{Effects, Now, Rec, State, TaskEntry, TimerKind};
 use crate::store::WriteOp;
 
 /// Why a client operation was refused.
@@ -59,8 +59,8 @@ impl State {
                 self.idem.insert(nt.spec.idempotency_key.clone(), nt.id);
             }
             let initial = nt.initial_state(now);
-            let mut rec = nt.initial_record(now);
-            let id_s = rec.id.clone();
+            let mut rec = Rec::from_pb(nt.initial_record(now));
+            let id_s = nt.id.to_string();
             rec.state = pb::TaskState::Unspecified as i32;
             let bytes = if nt.record.is_empty() {
                 nt.encode(now)
@@ -71,6 +71,7 @@ impl State {
             let mut spec = nt.spec;
             spec.id = String::new();
             let entry = TaskEntry {
+                id: nt.id,
                 spec,
                 rec,
                 ready_seq: 0,
@@ -81,7 +82,7 @@ impl State {
                 active: false,
                 outcome_attempt: 0,
             };
-            self.tasks.insert(nt.id, entry);
+            self.tasks.insert(nt.id, Box::new(entry));
             self.set_state(&nt.id, initial);
             eff.activate.push(nt.id);
             results.push(pb::SubmitResult {
@@ -209,7 +210,7 @@ impl State {
                 t.state().as_str_name()
             )));
         }
-        if let Ok(existing) = t.rec.retried_by.parse::<Uuid>() {
+        if let Some(existing) = t.rec.retried_by {
             if let Some(e) = self.tasks.get(&existing) {
                 return Ok((e.to_pb(false), e.commit_seq));
             }
@@ -221,11 +222,11 @@ impl State {
         spec.delay_ms = 0;
         self.submit(now, vec![super::NewTask::new(new_id, spec)], eff);
         if let Some(n) = self.tasks.get_mut(&new_id) {
-            n.rec.retry_of = id.to_string();
+            n.rec.retry_of = Some(id);
             eff.commit.push(n.state_op(new_id));
         }
         if let Some(old) = self.tasks.get_mut(&id) {
-            old.rec.retried_by = new_id.to_string();
+            old.rec.retried_by = Some(new_id);
             eff.commit.push(old.state_op(id));
         }
         let n = self

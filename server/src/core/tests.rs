@@ -539,7 +539,7 @@ fn stored(st: &State) -> Vec<StoredTask> {
         .values()
         .map(|t| StoredTask {
             spec: t.spec.clone(),
-            state: t.rec.clone(),
+            state: t.rec.to_pb(&t.id, true),
         })
         .collect()
 }

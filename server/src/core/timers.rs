@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use taskd_proto::pb;
 use uuid::Uuid;
 
-use super::state::{ConnId, Effects, LOST_PREFIX, Now, State, TaskEntry, TimerKind, Worker};
+use super::state::{ConnId, Effects, LOST_PREFIX, Now, Rec, State, TaskEntry, TimerKind, Worker};
 use crate::store::{StoredTask, WriteOp};
 
 impl State {
@@ -148,8 +148,9 @@ impl State {
                 continue;
             };
             let mut entry = TaskEntry {
+                id,
                 spec: st.spec,
-                rec: st.state,
+                rec: Rec::from_pb(st.state),
                 ready_seq: 0,
                 holder: None,
                 lease_deadline: None,
@@ -186,7 +187,7 @@ impl State {
             if matches!(state, pb::TaskState::Queued | pb::TaskState::Running) {
                 entry.recovered = true;
             }
-            self.tasks.insert(id, entry);
+            self.tasks.insert(id, Box::new(entry));
             match state {
                 s if s.is_terminal() => self.add_timer(now.mono_at(exp), TimerKind::Sweep(id, exp)),
                 pb::TaskState::Scheduled => {
