@@ -37,6 +37,11 @@ async fn submit_result_typed_and_await() -> Result<()> {
     ensure!(fut.clone().await?.json::<i64>()? == 5);
     let t = client.get(id).await?;
     ensure!(t.state() == pb::TaskState::Succeeded, "{:?}", t.state());
+    let t = fut.task().await?;
+    ensure!(
+        t.id == id.to_string() && t.attempts.len() == 1 && t.attempt == 1,
+        "{t:?}"
+    );
     // Decoding into the wrong type is a Decode error, not a panic.
     ensure!(matches!(
         fut.result_as::<String>(None).await,
