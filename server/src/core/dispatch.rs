@@ -7,7 +7,7 @@ use prost::Message;
 use taskd_proto::pb;
 use uuid::Uuid;
 
-use super::state::{ConnId, Effects, Now, State, TimerKind};
+use super::state::{ConnId, Effects, Now, State};
 
 /// Bytes an assignment adds to a message beyond its encoded length (framing).
 const ASSIGNMENT_OVERHEAD: usize = 16;
@@ -169,7 +169,7 @@ impl State {
             submitted_at_unix_ms: t.rec.submitted_at_unix_ms,
         };
         let attempt = t.rec.attempt;
-        self.add_timer(now.mono + lease, TimerKind::Lease(id, attempt));
+        self.set_lease_timer(id, attempt, now.mono + lease);
         Some(a)
     }
 }

@@ -1,6 +1,6 @@
 //! The in-memory state of the broker and the helpers every transition uses.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -256,6 +256,8 @@ pub struct TaskEntry {
     pub holder: Option<ConnId>,
     /// When the lease ends unless extended.
     pub lease_deadline: Option<Instant>,
+    /// The armed lease timer (removed when the lease ends).
+    pub lease_timer: Option<TimerKey>,
     /// Sequence number of the last awaited write of this task (readers wait for it).
     pub commit_seq: u64,
     /// Recovered at start as QUEUED or RUNNING and not dispatched or claimed since: its
@@ -394,33 +396,8 @@ pub enum TimerKind {
     Sweep(Uuid, u64),
 }
 
-/// A timer entry, ordered by time then insertion.
-#[derive(Debug)]
-pub struct Timer {
-    /// When it fires.
-    pub at: Instant,
-    /// Insertion sequence.
-    pub seq: u64,
-    /// What to re-check.
-    pub kind: TimerKind,
-}
-
-impl PartialEq for Timer {
-    fn eq(&self, other: &Self) -> bool {
-        self.at == other.at && self.seq == other.seq
-    }
-}
-impl Eq for Timer {}
-impl PartialOrd for Timer {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Timer {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
-}
+/// Key of a timer: when it fires, then insertion order.
+pub type TimerKey = (Instant, u64);
 
 /// What a transition asks the broker to do once the state lock is released.
 #[derive(Debug, Default)]
@@ -450,8 +427,10 @@ pub struct State {
     pub workers: HashMap<ConnId, Worker>,
     /// Worker id → its latest connection.
     pub by_worker_id: HashMap<String, ConnId>,
-    /// Pending timers (min-heap).
-    pub timers: BinaryHeap<Reverse<Timer>>,
+    /// Pending timers, earliest first. A map rather than a heap so that a lease timer is
+    /// removed when its task finishes (at high throughput, timers of finished leases would
+    /// otherwise pile up for a whole lease length).
+    pub timers: BTreeMap<TimerKey, TimerKind>,
     /// Watch streams.
     pub watch: WatchHub,
     /// GetTask long-polls waiting for a task to complete.
@@ -478,7 +457,7 @@ impl State {
             queues: HashMap::new(),
             workers: HashMap::new(),
             by_worker_id: HashMap::new(),
-            timers: BinaryHeap::new(),
+            timers: BTreeMap::new(),
             watch: WatchHub::default(),
             waiters: HashMap::new(),
             dispatch_needed: false,
@@ -508,17 +487,39 @@ impl State {
     }
 
     /// Schedules a timer.
-    pub fn add_timer(&mut self, at: Instant, kind: TimerKind) {
+    pub fn add_timer(&mut self, at: Instant, kind: TimerKind) -> TimerKey {
         let seq = self.seq();
-        if self.timers.peek().is_none_or(|Reverse(t)| at < t.at) {
+        if self
+            .timers
+            .first_key_value()
+            .is_none_or(|((first, _), _)| at < *first)
+        {
             self.timer_dirty = true;
         }
-        self.timers.push(Reverse(Timer { at, seq, kind }));
+        self.timers.insert((at, seq), kind);
+        (at, seq)
+    }
+
+    /// (Re)arms the lease timer of task `id` for `attempt` at `at`.
+    pub fn set_lease_timer(&mut self, id: Uuid, attempt: u32, at: Instant) {
+        let key = self.add_timer(at, TimerKind::Lease(id, attempt));
+        if let Some(t) = self.tasks.get_mut(&id) {
+            if let Some(old) = t.lease_timer.replace(key) {
+                self.timers.remove(&old);
+            }
+        }
+    }
+
+    /// Drops the lease timer of task `id`, if any.
+    pub fn clear_lease_timer(&mut self, id: &Uuid) {
+        if let Some(key) = self.tasks.get_mut(id).and_then(|t| t.lease_timer.take()) {
+            self.timers.remove(&key);
+        }
     }
 
     /// The next timer's time.
     pub fn next_timer(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse(t)| t.at)
+        self.timers.first_key_value().map(|((at, _), _)| *at)
     }
 
     /// Moves task `id` to `new`, keeping the per-queue counts right.
@@ -571,6 +572,7 @@ impl State {
         outcome: pb::Outcome,
         eff: &mut Effects,
     ) {
+        self.clear_lease_timer(&id);
         self.set_state(&id, state);
         let Some(t) = self.tasks.get_mut(&id) else {
             return;
@@ -611,6 +613,7 @@ impl State {
 
     /// Releases the lease of task `id` from its holder.
     pub fn release_lease(&mut self, id: &Uuid) {
+        self.clear_lease_timer(id);
         if let Some(t) = self.tasks.get_mut(id) {
             t.lease_deadline = None;
             if let Some(conn) = t.holder.take() {

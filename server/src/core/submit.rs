@@ -77,6 +77,7 @@ impl State {
                 ready_seq: 0,
                 holder: None,
                 lease_deadline: None,
+                lease_timer: None,
                 commit_seq: 0,
                 recovered: false,
                 active: false,

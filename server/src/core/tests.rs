@@ -7,7 +7,9 @@ use taskd_proto::pb;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::state::{CloseReason, ConnId, CoreConfig, Effects, NewTask, Now, State, WorkerSink};
+use super::state::{
+    CloseReason, ConnId, CoreConfig, Effects, NewTask, Now, State, TimerKind, WorkerSink,
+};
 use crate::store::{StoredTask, WriteOp};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -245,6 +247,12 @@ fn fencing_rejects_stale_and_acks_duplicates() {
     assert_eq!(eff.completed, vec![id]);
     assert_eq!(eff.commit.len(), 1);
     assert_eq!(st_of(&st, &id), pb::TaskState::Succeeded);
+    assert!(
+        !st.timers
+            .values()
+            .any(|k| matches!(k, TimerKind::Lease(i, _) if *i == id)),
+        "a finished lease leaves no timer behind"
+    );
     // Repeat: acknowledged again, nothing rewritten.
     let (ack, eff) = outcome(&mut st, now, conn, failure(&id, 1, false));
     assert!(ack.accepted, "{ack:?}");

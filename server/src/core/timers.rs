@@ -12,14 +12,11 @@ use crate::store::{StoredTask, WriteOp};
 impl State {
     /// Runs every timer that is due.
     pub fn fire_timers(&mut self, now: Now, eff: &mut Effects) {
-        while let Some(std::cmp::Reverse(t)) = self.timers.peek() {
-            if t.at > now.mono {
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > now.mono {
                 break;
             }
-            let Some(std::cmp::Reverse(t)) = self.timers.pop() else {
-                break;
-            };
-            match t.kind {
+            match entry.remove() {
                 TimerKind::Scheduled(id, nb) => self.on_scheduled(id, nb),
                 TimerKind::Lease(id, attempt) => self.on_lease(now, id, attempt, eff),
                 TimerKind::Grace(conn) => self.on_grace(now, conn, eff),
@@ -42,7 +39,13 @@ impl State {
     }
 
     fn on_lease(&mut self, now: Now, id: Uuid, attempt: u32, eff: &mut Effects) {
-        let Some(t) = self.tasks.get(&id) else { return };
+        let Some(t) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        // The timer that fired is gone from the map; forget its key if it was the armed one.
+        if t.lease_timer.is_some_and(|(at, _)| at <= now.mono) {
+            t.lease_timer = None;
+        }
         if t.state() != pb::TaskState::Running || t.rec.attempt != attempt {
             return;
         }
@@ -58,7 +61,7 @@ impl State {
             return;
         }
         if deadline > now.mono {
-            self.add_timer(deadline, TimerKind::Lease(id, attempt));
+            self.set_lease_timer(id, attempt, deadline);
             return;
         }
         if let Some(s) = &w.sink {
@@ -154,6 +157,7 @@ impl State {
                 ready_seq: 0,
                 holder: None,
                 lease_deadline: None,
+                lease_timer: None,
                 commit_seq: 0,
                 recovered: false,
                 active: true,
@@ -189,9 +193,11 @@ impl State {
             }
             self.tasks.insert(id, Box::new(entry));
             match state {
-                s if s.is_terminal() => self.add_timer(now.mono_at(exp), TimerKind::Sweep(id, exp)),
+                s if s.is_terminal() => {
+                    self.add_timer(now.mono_at(exp), TimerKind::Sweep(id, exp));
+                }
                 pb::TaskState::Scheduled => {
-                    self.add_timer(now.mono_at(nb), TimerKind::Scheduled(id, nb))
+                    self.add_timer(now.mono_at(nb), TimerKind::Scheduled(id, nb));
                 }
                 pb::TaskState::Queued => self.push_ready(id),
                 pb::TaskState::Running => {

@@ -177,7 +177,7 @@ impl State {
         if let Some(w) = self.workers.get_mut(&conn) {
             w.leases.insert(id);
         }
-        self.add_timer(now.mono + lease, TimerKind::Lease(id, attempt));
+        self.set_lease_timer(id, attempt, now.mono + lease);
         true
     }
 
