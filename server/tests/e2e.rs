@@ -61,3 +61,19 @@ async fn submit_pull_complete_get_and_watch() {
     assert_eq!(ev.completed[0].id, ids[0]);
     drop(wtx);
 }
+
+#[tokio::test]
+async fn fsync_mode_round_trip_and_restart() {
+    let server = Server::start(|c| c.sync = taskd_server::SyncMode::Fsync).await;
+    let mut c = server.client().await;
+    let id = submit(&mut c, vec![spec("f", "1")]).await.remove(0);
+    let mut w = RawWorker::connect(&server.url(), hello("w", &["f"], 1)).await;
+    w.assignments(1).await;
+    w.succeed(&id, 1, "synced", 0).await;
+    assert!(w.acks(1).await[0].accepted);
+    drop(w);
+    let server = server.restart().await;
+    let mut c = server.client().await;
+    let t = get(&mut c, &id).await;
+    assert_eq!(state(&t), pb::TaskState::Succeeded);
+}

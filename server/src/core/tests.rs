@@ -675,3 +675,40 @@ fn recovery_sweeps_expired_and_restores_idempotency_keys() {
     assert!(matches!(eff.behind.as_slice(), [WriteOp::Delete { .. }]));
     assert_eq!(st.idem.get("key"), Some(&ids[0]));
 }
+
+struct FullSink {
+    closed: Mutex<Option<CloseReason>>,
+}
+
+impl super::state::WatchSink for FullSink {
+    fn try_send(&self, _msg: pb::WatchResponse) -> super::state::SendOutcome {
+        super::state::SendOutcome::Full
+    }
+    fn close(&self, reason: CloseReason) {
+        *self.closed.lock().unwrap() = Some(reason);
+    }
+}
+
+#[test]
+fn a_watcher_that_falls_behind_is_dropped_without_blocking() {
+    let clock = Clock::new();
+    let mut st = state();
+    let now = clock.at(0);
+    let id = submit(&mut st, now, vec![task("a", 0)])[0];
+    let sink = Arc::new(FullSink {
+        closed: Mutex::new(None),
+    });
+    let wid = st.watch_open(sink.clone());
+    st.watch_change(
+        wid,
+        super::watch::WatchChange {
+            add_ids: vec![id],
+            ..Default::default()
+        },
+    );
+    let (conn, _s, _) = connect(&mut st, now, "w", &["a"], 1, vec![]);
+    let (_, eff) = outcome(&mut st, now, conn, success(&id, 1));
+    st.notify_completed(&eff.completed);
+    assert_eq!(*sink.closed.lock().unwrap(), Some(CloseReason::Overflow));
+    assert!(st.watch.is_empty());
+}
