@@ -9,6 +9,7 @@ pub mod broker;
 pub mod dispatch;
 pub mod state;
 pub mod submit;
+pub mod task;
 pub mod timers;
 pub mod watch;
 pub mod workers;

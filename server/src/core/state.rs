@@ -5,18 +5,17 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
 use taskd_proto::pb;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+pub use super::task::{CloneWithoutPayload, LOST_PREFIX, NewTask, Rec, TaskEntry};
 use super::watch::WatchHub;
 use crate::store::WriteOp;
 
 /// The present moment, on both clocks: monotonic for leases and timers, wall for the records.
 #[derive(Debug, Clone, Copy)]
-#[allow(clippy::new_ret_no_self)]
 pub struct Now {
     /// Monotonic time (tokio's, so tests can pause it).
     pub mono: Instant,
@@ -101,239 +100,8 @@ pub trait WatchSink: Send + Sync {
     fn close(&self, reason: CloseReason);
 }
 
-/// A task ready to be submitted: validated, defaults filled in.
-#[derive(Debug, Clone)]
-pub struct NewTask {
-    /// Its id (client-chosen or a fresh UUIDv7).
-    pub id: Uuid,
-    /// The spec with defaults filled in and `delay_ms` folded into `not_before_unix_ms`.
-    pub spec: pb::TaskSpec,
-    /// The encoded submit record ([`NewTask::encode`]), made before the state lock is taken;
-    /// empty: encoded under the lock.
-    pub record: Vec<u8>,
-}
-
-impl NewTask {
-    /// A task to submit.
-    pub fn new(id: Uuid, spec: pb::TaskSpec) -> NewTask {
-        NewTask {
-            id,
-            spec,
-            record: Vec::new(),
-        }
-    }
-
-    /// The task's state when submitted at `now`.
-    pub fn initial_state(&self, now: Now) -> pb::TaskState {
-        if self.spec.not_before_unix_ms > now.wall_ms {
-            pb::TaskState::Scheduled
-        } else {
-            pb::TaskState::Queued
-        }
-    }
-
-    /// The state record of the task as submitted at `now` (`spec` unset).
-    pub fn initial_record(&self, now: Now) -> pb::Task {
-        let state = self.initial_state(now);
-        pb::Task {
-            id: self.id.to_string(),
-            state: state as i32,
-            submitted_at_unix_ms: now.wall_ms,
-            not_before_unix_ms: if state == pb::TaskState::Scheduled {
-                self.spec.not_before_unix_ms
-            } else {
-                0
-            },
-            ..Default::default()
-        }
-    }
-
-    /// Encodes the submit record: the initial state with the spec (and payload) inside,
-    /// without copying the payload.
-    pub fn encode(&self, now: Now) -> Vec<u8> {
-        let rec = self.initial_record(now);
-        let mut buf = Vec::with_capacity(rec.encoded_len() + self.spec.encoded_len() + 8);
-        rec.encode(&mut buf).unwrap_or_default();
-        // Field 2 of `Task` is `spec`; protobuf fields may come in any order.
-        prost::encoding::message::encode(2, &self.spec, &mut buf);
-        buf
-    }
-}
-
 /// Identifies one worker connection.
 pub type ConnId = u64;
-
-/// The mutable part of a task: what its state record persists (a `pb::Task` without the spec
-/// and id), kept smaller than `pb::Task` in memory.
-#[derive(Debug, Clone, Default)]
-pub struct Rec {
-    /// `pb::TaskState` as i32.
-    pub state: i32,
-    /// Current attempt number.
-    pub attempt: u32,
-    /// Attempts that started.
-    pub attempts: Vec<pb::Attempt>,
-    /// Set once terminal.
-    pub outcome: Option<Box<pb::Outcome>>,
-    /// Submit time.
-    pub submitted_at_unix_ms: u64,
-    /// When a SCHEDULED task becomes ready.
-    pub not_before_unix_ms: u64,
-    /// When it became terminal.
-    pub finished_at_unix_ms: u64,
-    /// When it is swept.
-    pub expires_at_unix_ms: u64,
-    /// The task this one retries.
-    pub retry_of: Option<Uuid>,
-    /// The task retrying this one.
-    pub retried_by: Option<Uuid>,
-    /// A cancel was asked while running.
-    pub cancel_requested: bool,
-}
-
-fn opt_id(s: &str) -> Option<Uuid> {
-    if s.is_empty() { None } else { s.parse().ok() }
-}
-
-fn id_text(id: &Option<Uuid>) -> String {
-    id.map(|u| u.to_string()).unwrap_or_default()
-}
-
-impl Rec {
-    /// From a decoded state record.
-    pub fn from_pb(t: pb::Task) -> Rec {
-        Rec {
-            state: t.state,
-            attempt: t.attempt,
-            attempts: t.attempts,
-            outcome: t.outcome.map(Box::new),
-            submitted_at_unix_ms: t.submitted_at_unix_ms,
-            not_before_unix_ms: t.not_before_unix_ms,
-            finished_at_unix_ms: t.finished_at_unix_ms,
-            expires_at_unix_ms: t.expires_at_unix_ms,
-            retry_of: opt_id(&t.retry_of),
-            retried_by: opt_id(&t.retried_by),
-            cancel_requested: t.cancel_requested,
-        }
-    }
-
-    /// As a `pb::Task` (no spec); with the attempts history when `attempts`.
-    pub fn to_pb(&self, id: &Uuid, attempts: bool) -> pb::Task {
-        pb::Task {
-            id: id.to_string(),
-            spec: None,
-            state: self.state,
-            attempt: self.attempt,
-            attempts: if attempts {
-                self.attempts.clone()
-            } else {
-                Vec::new()
-            },
-            outcome: self.outcome.as_deref().cloned(),
-            submitted_at_unix_ms: self.submitted_at_unix_ms,
-            not_before_unix_ms: self.not_before_unix_ms,
-            finished_at_unix_ms: self.finished_at_unix_ms,
-            retry_of: id_text(&self.retry_of),
-            retried_by: id_text(&self.retried_by),
-            cancel_requested: self.cancel_requested,
-            expires_at_unix_ms: self.expires_at_unix_ms,
-        }
-    }
-}
-
-/// A task in memory.
-#[derive(Debug)]
-pub struct TaskEntry {
-    /// The task's id.
-    pub id: Uuid,
-    /// The spec (payload included; `id` left empty in memory).
-    pub spec: pb::TaskSpec,
-    /// The state as persisted in the state record.
-    pub rec: Rec,
-    /// Sequence of the task's current ready-queue entry (stale entries are skipped).
-    pub ready_seq: u64,
-    /// The connection holding the lease while RUNNING.
-    pub holder: Option<ConnId>,
-    /// When the lease ends unless extended.
-    pub lease_deadline: Option<Instant>,
-    /// The armed lease timer (removed when the lease ends).
-    pub lease_timer: Option<TimerKey>,
-    /// Sequence number of the last awaited write of this task (readers wait for it).
-    pub commit_seq: u64,
-    /// Recovered at start as QUEUED or RUNNING and not dispatched or claimed since: its
-    /// assignment write may have been lost, so a claim of `attempt + 1` may be genuine and the
-    /// next dispatch skips that number.
-    pub recovered: bool,
-    /// False while its submit is not yet durable (not dispatched meanwhile).
-    pub active: bool,
-    /// The attempt whose outcome the worker reported and the broker recorded (0: none), so a
-    /// repeat of it is acknowledged again.
-    pub outcome_attempt: u32,
-}
-
-/// Prefix of the error of an attempt that ended because its worker was lost (not an outcome).
-pub const LOST_PREFIX: &str = "lost: ";
-
-impl TaskEntry {
-    /// The task's state.
-    pub fn state(&self) -> pb::TaskState {
-        pb::TaskState::try_from(self.rec.state).unwrap_or(pb::TaskState::Unspecified)
-    }
-
-    /// The task for a reader: the record plus the spec; without the attempts history and the
-    /// payload when `summary`.
-    pub fn to_pb(&self, summary: bool) -> pb::Task {
-        let mut t = self.rec.to_pb(&self.id, !summary);
-        let mut spec = if summary {
-            self.spec.clone_without_payload()
-        } else {
-            self.spec.clone()
-        };
-        spec.id.clone_from(&t.id);
-        t.spec = Some(spec);
-        t
-    }
-
-    /// The state record encoded for the store.
-    pub fn state_op(&self, id: Uuid) -> WriteOp {
-        WriteOp::State {
-            id,
-            bytes: self.rec.to_pb(&id, true).encode_to_vec(),
-        }
-    }
-
-    /// Number of attempts that started.
-    pub fn runs(&self) -> u32 {
-        self.rec.attempts.len() as u32
-    }
-}
-
-/// A spec clone without its payload.
-pub trait CloneWithoutPayload {
-    /// Clones everything but `payload`.
-    fn clone_without_payload(&self) -> Self;
-}
-
-impl CloneWithoutPayload for pb::TaskSpec {
-    fn clone_without_payload(&self) -> Self {
-        pb::TaskSpec {
-            id: self.id.clone(),
-            queue: self.queue.clone(),
-            name: self.name.clone(),
-            payload: Vec::new(),
-            content_type: self.content_type.clone(),
-            priority: self.priority,
-            delay_ms: self.delay_ms,
-            not_before_unix_ms: self.not_before_unix_ms,
-            max_attempts: self.max_attempts,
-            backoff_initial_ms: self.backoff_initial_ms,
-            backoff_max_ms: self.backoff_max_ms,
-            timeout_ms: self.timeout_ms,
-            idempotency_key: self.idempotency_key.clone(),
-            result_ttl_ms: self.result_ttl_ms,
-        }
-    }
-}
 
 /// An entry of a ready queue: higher priority first, then lower submit sequence.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
