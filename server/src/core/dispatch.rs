@@ -17,55 +17,63 @@ const ASSIGNMENT_OVERHEAD: usize = 16;
 pub const PACK_BYTES: usize = 4 * 1024 * 1024 - 64 * 1024;
 
 impl State {
-    /// Fills every worker's credits from the ready queues (when something changed).
+    /// Hands ready tasks to the workers with credits (when something changed).
+    ///
+    /// Workers are served round-robin, one task each per round, least busy first (then the
+    /// ones after the worker that got the previous task), so tasks spread over idle workers
+    /// even when they come one at a time. Each worker's assignments are then sent packed.
     pub fn dispatch(&mut self, now: Now, eff: &mut Effects) {
         if !self.dispatch_needed {
             return;
         }
         self.dispatch_needed = false;
-        let mut conns: Vec<ConnId> = self
+        let last = self.last_assigned;
+        let mut order: Vec<(usize, bool, ConnId)> = self
             .workers
             .iter()
             .filter(|(_, w)| w.credits > 0 && w.sink.is_some())
-            .map(|(c, _)| *c)
+            .map(|(c, w)| (w.leases.len(), *c <= last, *c))
             .collect();
-        if conns.is_empty() {
+        if order.is_empty() {
             return;
         }
-        conns.sort_unstable();
-        // Rotate the starting worker so small bursts spread over workers.
-        self.rotate = self.rotate.wrapping_add(1);
-        let start = self.rotate % conns.len();
-        conns.rotate_left(start);
-        for conn in conns {
-            self.dispatch_to(now, conn, eff);
+        order.sort_unstable();
+        let mut batches: Vec<(ConnId, Vec<pb::Assignment>)> =
+            order.into_iter().map(|(_, _, c)| (c, Vec::new())).collect();
+        loop {
+            let mut progress = false;
+            for (conn, batch) in batches.iter_mut() {
+                if let Some(a) = self.take_one(now, *conn, eff) {
+                    batch.push(a);
+                    self.last_assigned = *conn;
+                    progress = true;
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+        for (conn, batch) in batches {
+            self.send_assignments(conn, batch);
         }
     }
 
-    /// Fills one worker's credits.
-    pub fn dispatch_to(&mut self, now: Now, conn: ConnId, eff: &mut Effects) {
-        let Some(w) = self.workers.get(&conn) else {
-            return;
-        };
+    /// Assigns worker `conn` its best ready task, by queue preference, if it has a credit.
+    fn take_one(&mut self, now: Now, conn: ConnId, eff: &mut Effects) -> Option<pb::Assignment> {
+        let w = self.workers.get(&conn)?;
         if w.credits == 0 || w.sink.is_none() {
-            return;
+            return None;
         }
-        let queues = w.queues.clone();
-        let mut batch: Vec<pb::Assignment> = Vec::new();
-        for queue in &queues {
-            loop {
-                let credits = self.workers.get(&conn).map(|w| w.credits).unwrap_or(0);
-                if credits == 0 {
-                    break;
-                }
-                let Some(id) = self.pop_ready(conn, queue) else {
-                    break;
-                };
-                if let Some(a) = self.assign(now, conn, id, eff) {
-                    batch.push(a);
-                }
+        for qi in 0..w.queues.len() {
+            if let Some(id) = self.pop_ready(conn, qi) {
+                return self.assign(now, conn, id, eff);
             }
         }
+        None
+    }
+
+    /// Sends `batch` to worker `conn`, packed into messages under [`PACK_BYTES`].
+    fn send_assignments(&mut self, conn: ConnId, batch: Vec<pb::Assignment>) {
         if batch.is_empty() {
             return;
         }
@@ -86,10 +94,10 @@ impl State {
         }
     }
 
-    /// Pops the best ready task of `queue` whose name worker `conn` handles.
-    fn pop_ready(&mut self, conn: ConnId, queue: &str) -> Option<Uuid> {
+    /// Pops the best ready task of the worker's queue number `qi` whose name it handles.
+    fn pop_ready(&mut self, conn: ConnId, qi: usize) -> Option<Uuid> {
         let w = self.workers.get(&conn)?;
-        let q = self.queues.get_mut(queue)?;
+        let q = self.queues.get_mut(w.queues.get(qi)?)?;
         // The best head among the worker's names.
         let mut best: Option<(&String, (i32, std::cmp::Reverse<u64>))> = None;
         for (name, heap) in q.ready.iter_mut() {

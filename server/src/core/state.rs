@@ -212,7 +212,8 @@ pub struct State {
     pub(crate) next_seq: u64,
     pub(crate) next_conn: ConnId,
     pub(crate) rng: u64,
-    pub(crate) rotate: usize,
+    /// The worker that got the last assignment (dispatch starts after it).
+    pub(crate) last_assigned: ConnId,
 }
 
 impl State {
@@ -234,7 +235,7 @@ impl State {
             next_seq: 1,
             next_conn: 1,
             rng: seed | 1,
-            rotate: 0,
+            last_assigned: 0,
         }
     }
 

@@ -712,3 +712,30 @@ fn a_watcher_that_falls_behind_is_dropped_without_blocking() {
     assert_eq!(*sink.closed.lock().unwrap(), Some(CloseReason::Overflow));
     assert!(st.watch.is_empty());
 }
+
+#[test]
+fn tasks_spread_over_idle_workers() {
+    let clock = Clock::new();
+    let mut st = state();
+    let now = clock.at(0);
+    let (c1, s1, _) = connect(&mut st, now, "w1", &["a"], 2, vec![]);
+    let (c2, s2, _) = connect(&mut st, now, "w2", &["a"], 2, vec![]);
+    // One at a time, each finished (and its credit returned) before the next.
+    let mut on = [0, 0];
+    for _ in 0..10 {
+        let id = submit(&mut st, now, vec![task("a", 0)])[0];
+        dispatch(&mut st, now);
+        let (a1, a2) = (s1.assignments(), s2.assignments());
+        assert_eq!(a1.len() + a2.len(), 1);
+        let conn = if a1.is_empty() { c2 } else { c1 };
+        on[if a1.is_empty() { 1 } else { 0 }] += 1;
+        outcome(&mut st, now, conn, success(&id, 1));
+        st.add_credits(conn, 1);
+        dispatch(&mut st, now);
+    }
+    assert_eq!(on, [5, 5], "alternating over two idle workers");
+    // A burst of 4 over two workers with 2 credits each: 2 each.
+    submit(&mut st, now, (0..4).map(|_| task("a", 0)).collect());
+    dispatch(&mut st, now);
+    assert_eq!((s1.assignments().len(), s2.assignments().len()), (2, 2));
+}
