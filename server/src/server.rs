@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use taskd_proto::pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
@@ -128,11 +127,12 @@ pub async fn run_with_hooks(
         .add_service(InterceptedService::new(task_svc, auth.clone()))
         .add_service(InterceptedService::new(work_svc, auth));
     let stop = serve_stop.clone();
-    let mut server = tokio::spawn(
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            stop.cancelled().await
-        }),
-    );
+    // tonic's `tcp_nodelay` applies only to listeners it binds itself: set it on ours, or small
+    // replies wait for delayed ACKs (~40 ms each).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        stop.cancelled().await
+    }));
 
     if let Some(wait) = hooks.before_recovery {
         wait.await;
