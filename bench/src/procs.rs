@@ -151,3 +151,78 @@ pub(crate) fn memory(pid: u32) -> Result<Memory> {
         peak_kib: field("VmHWM:")?,
     })
 }
+
+/// CPU time (user + system) a process has used so far, in seconds.
+pub(crate) fn cpu_secs(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may hold spaces; the fields after its closing paren are fixed.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("parsing {path}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the paren: state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("parsing field {} of {path}", i + 3))
+    };
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Ok((ticks(11)? + ticks(12)?) as f64 / hz)
+}
+
+/// CPU seconds used by the broker, the workers and this process (the client) during a
+/// measured interval.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub(crate) struct CpuUse {
+    pub(crate) broker_secs: f64,
+    pub(crate) workers_secs: f64,
+    pub(crate) client_secs: f64,
+}
+
+/// A CPU-time reading of the broker, the workers and this process.
+#[derive(Debug, Clone)]
+pub(crate) struct CpuMeter {
+    broker: u32,
+    workers: Vec<u32>,
+    start: CpuUse,
+}
+
+impl CpuMeter {
+    /// Starts measuring.
+    pub(crate) fn start(broker: u32, workers: Vec<u32>) -> Result<CpuMeter> {
+        let mut m = CpuMeter {
+            broker,
+            workers,
+            start: CpuUse::default(),
+        };
+        m.start = m.read()?;
+        Ok(m)
+    }
+
+    fn read(&self) -> Result<CpuUse> {
+        let mut workers = 0.0;
+        for &pid in &self.workers {
+            workers += cpu_secs(pid)?;
+        }
+        Ok(CpuUse {
+            broker_secs: cpu_secs(self.broker)?,
+            workers_secs: workers,
+            client_secs: cpu_secs(std::process::id())?,
+        })
+    }
+
+    /// CPU used since [`CpuMeter::start`].
+    pub(crate) fn used(&self) -> Result<CpuUse> {
+        let now = self.read()?;
+        Ok(CpuUse {
+            broker_secs: now.broker_secs - self.start.broker_secs,
+            workers_secs: now.workers_secs - self.start.workers_secs,
+            client_secs: now.client_secs - self.start.client_secs,
+        })
+    }
+}

@@ -11,6 +11,7 @@ use taskd_client::Client;
 
 use crate::broker::Broker;
 use crate::cli::{Params, SyncMode, Workload};
+use crate::procs::CpuMeter;
 use crate::report::Entry;
 use crate::workers::WorkerSet;
 use crate::workloads::scaling::{self, ScalingPlan};
@@ -49,6 +50,7 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
             workers.wait_connected(&client, p.timeout).await?;
             if has(Workload::W1) {
                 eprintln!("W1 ({}): {} tasks", mode.as_str(), p.tasks);
+                let meter = CpuMeter::start(broker.pid(), workers.pids())?;
                 let m = bounded(
                     "W1",
                     p.timeout,
@@ -57,11 +59,13 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
                 .await?;
                 broker.check_running()?;
                 let mut e = Entry::new(Workload::W1, mode, p.workers, p.slots);
+                e.cpu = Some(meter.used()?);
                 e.w1 = Some(m);
                 results.push(e);
             }
             if has(Workload::W2) {
                 eprintln!("W2 ({}): {} + {} round trips", mode.as_str(), p.warmup, p.rounds);
+                let meter = CpuMeter::start(broker.pid(), workers.pids())?;
                 let m = bounded(
                     "W2",
                     p.timeout,
@@ -70,6 +74,7 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
                 .await?;
                 broker.check_running()?;
                 let mut e = Entry::new(Workload::W2, mode, p.workers, p.slots);
+                e.cpu = Some(meter.used()?);
                 e.w2 = Some(m);
                 results.push(e);
             }
@@ -85,6 +90,7 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
                 p.w3_sleep,
                 p.w3_slots
             );
+            let meter = CpuMeter::start(broker.pid(), workers.pids())?;
             let m = bounded(
                 "W3",
                 p.timeout,
@@ -93,6 +99,7 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
             .await?;
             broker.check_running()?;
             let mut e = Entry::new(Workload::W3, mode, p.workers, per);
+            e.cpu = Some(meter.used()?);
             e.w3 = Some(m);
             results.push(e);
         }

@@ -75,6 +75,11 @@ impl WorkerSet {
         })
     }
 
+    /// The worker processes' ids.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Proc::pid).collect()
+    }
+
     /// Waits at most `timeout` until the broker lists every worker of the set as connected.
     pub(crate) async fn wait_connected(&mut self, client: &Client, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;

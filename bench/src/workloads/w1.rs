@@ -36,11 +36,10 @@ pub(crate) async fn run(
     inflight: usize,
 ) -> Result<W1Measure> {
     // Build the tasks (and their ids) before the clock starts.
-    let mut all: Vec<Task> = (0..tasks).map(|_| Task::new(NOOP)).collect();
+    let mut all = (0..tasks).map(|_| Task::new(NOOP)).peekable();
     let mut chunks: Vec<Vec<Task>> = Vec::with_capacity(tasks.div_ceil(batch));
-    while !all.is_empty() {
-        let rest = all.split_off(batch.min(all.len()));
-        chunks.push(std::mem::replace(&mut all, rest));
+    while all.peek().is_some() {
+        chunks.push(all.by_ref().take(batch).collect());
     }
     let calls_before = client.calls_made();
 
