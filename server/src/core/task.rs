@@ -168,7 +168,7 @@ pub struct TaskEntry {
     /// assignment write may have been lost, so a claim of `attempt + 1` may be genuine and the
     /// next dispatch skips that number.
     pub recovered: bool,
-    /// False while its submit is not yet durable (not dispatched meanwhile).
+    /// Whether it was put in its ready queue or timer (set at submit).
     pub active: bool,
     /// The attempt whose outcome the worker reported and the broker recorded (0: none), so a
     /// repeat of it is acknowledged again.
