@@ -13,6 +13,8 @@
 #
 # Env: TASKD_BIN_DIR (dir with taskd, taskworker, taskctl; default <repo>/target/debug),
 #      TASKD_BASE_IMAGE (default taskd-base:bookworm, made by deploy/base-image.sh),
+#      TASKD_COMPOSE_TEST_IMAGE (test this ready image instead of building one from TASKD_BIN_DIR;
+#        the host's taskctl still comes from TASKD_BIN_DIR),
 #      TASKD_COMPOSE_TEST_TIMEOUT (seconds for the whole run, default 420),
 #      TASKD_COMPOSE_TEST_KEEP=1 (leave the stacks up for inspection; tear down by hand).
 set -euo pipefail
@@ -30,7 +32,7 @@ RUN_ID="$$-${RANDOM}"
 PROJECT="taskd-ci-${RUN_ID}"          # the main stack (with a token)
 PROJECT_OPEN="taskd-ci-open-${RUN_ID}" # the second stack (no token)
 PROJECTS=()                           # those brought up, for the teardown
-IMAGE="taskd:ci-${RUN_ID}"
+IMAGE="${TASKD_COMPOSE_TEST_IMAGE:-taskd:ci-${RUN_ID}}"
 EXEC_TASKS=20
 PARKED_TASKS=3
 PARKED_QUEUE="ci-parked"
@@ -84,7 +86,7 @@ teardown() {
         compose_p "$project" down -v --remove-orphans -t 10 >"$WORK/down.log" 2>&1 ||
             { say "compose down of $project failed:"; cat "$WORK/down.log"; }
     done
-    if [ "${TASKD_COMPOSE_TEST_KEEP:-}" != 1 ]; then
+    if [ "${TASKD_COMPOSE_TEST_KEEP:-}" != 1 ] && [ -z "${TASKD_COMPOSE_TEST_IMAGE:-}" ]; then
         docker image rm -f "$IMAGE" >/dev/null 2>&1 || true
     fi
     rm -rf "$WORK"
@@ -144,29 +146,34 @@ workers_connected() {
 # field ID EXPR: EXPR over the JSON of `taskctl get ID`.
 field() { taskctl --json get "$1" | json "$2"; }
 
-# ---- 1. base image -----------------------------------------------------------------------------
-say "base image $BASE_IMAGE"
-TASKD_BASE_IMAGE="$BASE_IMAGE" "$ROOT/deploy/base-image.sh" || fail "making the base image"
-pass "base image $BASE_IMAGE present"
+if [ -n "${TASKD_COMPOSE_TEST_IMAGE:-}" ]; then
+    docker image inspect "$IMAGE" >/dev/null 2>&1 || fail "image $IMAGE (TASKD_COMPOSE_TEST_IMAGE) not found"
+    say "testing the ready image $IMAGE"
+else
+    # ---- 1. base image
+    say "base image $BASE_IMAGE"
+    TASKD_BASE_IMAGE="$BASE_IMAGE" "$ROOT/deploy/base-image.sh" || fail "making the base image"
+    pass "base image $BASE_IMAGE present"
 
-# ---- 2. runtime image from the host's binaries -------------------------------------------------
-mkdir -p "$WORK/context/dist"
-for bin in taskd taskworker taskctl; do
-    # Debug info is of no use in the image and makes the build context large.
-    if command -v strip >/dev/null 2>&1; then
-        strip --strip-debug -o "$WORK/context/dist/$bin" "$BIN_DIR/$bin"
-    else
-        cp "$BIN_DIR/$bin" "$WORK/context/dist/$bin"
+    # ---- 2. runtime image from the host's binaries
+    mkdir -p "$WORK/context/dist"
+    for bin in taskd taskworker taskctl; do
+        # Debug info is of no use in the image and makes the build context large.
+        if command -v strip >/dev/null 2>&1; then
+            strip --strip-debug -o "$WORK/context/dist/$bin" "$BIN_DIR/$bin"
+        else
+            cp "$BIN_DIR/$bin" "$WORK/context/dist/$bin"
+        fi
+    done
+    say "building $IMAGE (target runtime-prebuilt)"
+    if ! docker build -f "$ROOT/Dockerfile" --target runtime-prebuilt \
+        --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg BIN_DIR=dist \
+        -t "$IMAGE" "$WORK/context" >"$WORK/build.log" 2>&1; then
+        tail -n 40 "$WORK/build.log"
+        fail "docker build of the runtime-prebuilt target"
     fi
-done
-say "building $IMAGE (target runtime-prebuilt)"
-if ! docker build -f "$ROOT/Dockerfile" --target runtime-prebuilt \
-    --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg BIN_DIR=dist \
-    -t "$IMAGE" "$WORK/context" >"$WORK/build.log" 2>&1; then
-    tail -n 40 "$WORK/build.log"
-    fail "docker build of the runtime-prebuilt target"
+    pass "image $IMAGE built"
 fi
-pass "image $IMAGE built"
 
 for bin in taskd taskworker taskctl; do
     ldd_out="$(docker run --rm --entrypoint ldd "$IMAGE" "/usr/local/bin/$bin" 2>&1)" ||
