@@ -11,10 +11,14 @@
 //! - [`server::run`]: wires them, serves health and reflection, shuts down gracefully.
 //!
 //! # Writes
-//! Per task: the submit (awaited before the client's ack), the assignment (write-behind: the
-//! task may reach its worker before the flush), the outcome (awaited before the worker's ack
-//! and before any watcher or long-poll hears of it). A failed flush poisons the committer: no
-//! later write is acknowledged, and the broker must be restarted.
+//! Per task, three records: the submit (one record with the spec and initial state, awaited
+//! before the client's ack), the assignment (write-behind: the task may reach its worker before
+//! the flush), the outcome (awaited before the worker's ack and before any watcher or long-poll
+//! hears of it). Groups are applied in one order, so a durable outcome implies a durable
+//! submit; that is why a task may be dispatched before its own submit is durable. Readers
+//! (GetTask, ListTasks, Watch) wait until what they show is durable. A failed flush poisons
+//! the committer: no later write is acknowledged, health turns NOT_SERVING, and the broker
+//! must be restarted.
 //!
 //! # Fencing and recovery
 //! A (task, attempt) pair is held by at most one worker. The attempt number grows at each

@@ -130,9 +130,9 @@ pub async fn run_with_hooks(
     // tonic's `tcp_nodelay` applies only to listeners it binds itself: set it on ours, or small
     // replies wait for delayed ACKs (~40 ms each).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
-        stop.cancelled().await
-    }));
+    let mut server = tokio::spawn(
+        router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+    );
 
     if let Some(wait) = hooks.before_recovery {
         wait.await;

@@ -2,7 +2,7 @@
 //!
 //! Every operation follows one pattern: lock, apply the transition (in memory, synchronously),
 //! queue its writes to the committer (under the lock, so write order equals state order),
-//! unlock; then await durability, and only then acknowledge the caller, activate submitted
+//! unlock; then await durability, and only then acknowledge the caller and
 //! tasks and notify watchers.
 
 use std::future::Future;
@@ -158,23 +158,22 @@ impl Broker {
     fn push_background(self: &Arc<Self>, st: &mut State, now: Now, mut eff: Effects) {
         if let Some(ack) = self.push(st, now, &mut eff, false) {
             let this = self.clone();
-            let (completed, activate) = (eff.completed, eff.activate);
+            let completed = eff.completed;
             tokio::spawn(async move {
                 if matches!(ack.await, Ok(Ok(()))) {
-                    this.after_commit(&completed, &activate);
+                    this.after_commit(&completed);
                 }
             });
         }
     }
 
-    /// After a commit: activate submitted tasks, notify watchers of completions, dispatch.
-    fn after_commit(&self, completed: &[Uuid], activate: &[Uuid]) {
-        if completed.is_empty() && activate.is_empty() {
+    /// After a commit: notify watchers and long-polls of the completions it made durable.
+    fn after_commit(&self, completed: &[Uuid]) {
+        if completed.is_empty() {
             return;
         }
         let now = Now::now();
         let mut st = self.lock();
-        st.activate(now, activate);
         st.notify_completed(completed);
         let mut eff = Effects::default();
         st.dispatch(now, &mut eff);
@@ -217,20 +216,17 @@ impl Broker {
         for t in &mut tasks {
             t.record = t.encode(now);
         }
-        let (results, ack, activate) = {
+        let (results, ack, created) = {
             let mut st = self.lock();
             let mut eff = Effects::default();
             let results = st.submit(now, tasks, &mut eff);
             let ack = self.push(&mut st, now, &mut eff, true);
-            (results, ack, eff.activate)
+            (results, ack, eff.created)
         };
         match Self::await_commit(ack).await {
-            Ok(()) => {
-                self.after_commit(&[], &activate);
-                Ok(results)
-            }
+            Ok(()) => Ok(results),
             Err(e) => {
-                self.lock().abort_submit(&activate);
+                self.lock().abort_submit(&created);
                 Err(e)
             }
         }
@@ -292,7 +288,7 @@ impl Broker {
             (results, ack, eff.completed)
         };
         Self::await_commit(ack).await?;
-        self.after_commit(&completed, &[]);
+        self.after_commit(&completed);
         Ok(results)
     }
 
@@ -300,15 +296,14 @@ impl Broker {
     pub async fn retry(&self, id: Uuid) -> Result<pb::Task, BrokerError> {
         self.check_open()?;
         let now = Now::now();
-        let (task, ack, activate) = {
+        let (task, ack) = {
             let mut st = self.lock();
             let mut eff = Effects::default();
             let (task, _) = st.retry(now, id, Uuid::now_v7(), &mut eff)?;
             let ack = self.push(&mut st, now, &mut eff, true);
-            (task, ack, eff.activate)
+            (task, ack)
         };
         Self::await_commit(ack).await?;
-        self.after_commit(&[], &activate);
         Ok(task)
     }
 
@@ -397,7 +392,7 @@ impl Broker {
         let this = self.clone();
         async move {
             Self::await_commit(ack).await?;
-            this.after_commit(&completed, &[]);
+            this.after_commit(&completed);
             Ok(acks)
         }
     }

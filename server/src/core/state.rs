@@ -176,8 +176,8 @@ pub struct Effects {
     pub behind: Vec<WriteOp>,
     /// Tasks that became terminal: watchers hear of them once `commit` is durable.
     pub completed: Vec<Uuid>,
-    /// Submitted tasks to activate once `commit` is durable.
-    pub activate: Vec<Uuid>,
+    /// Tasks created by a submit (forgotten again if its write fails).
+    pub created: Vec<Uuid>,
 }
 
 /// The whole in-memory state. Guarded by one mutex in [`super::Broker`].

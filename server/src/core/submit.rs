@@ -85,7 +85,7 @@ impl State {
             };
             self.tasks.insert(nt.id, Box::new(entry));
             self.set_state(&nt.id, initial);
-            eff.activate.push(nt.id);
+            eff.created.push(nt.id);
             // Dispatchable at once, before the submit is durable: an outcome is committed after
             // the submit in the one write order, so no outcome, watcher event or ack can leave
             // before the submit is durable (saves one flush of latency per task).

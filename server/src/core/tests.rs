@@ -95,12 +95,11 @@ fn task(name: &str, priority: i32) -> NewTask {
     NewTask::new(id, spec)
 }
 
-/// Submits and activates (as if the commit were durable).
+/// Submits (created tasks are dispatchable at once).
 fn submit(st: &mut State, now: Now, tasks: Vec<NewTask>) -> Vec<Uuid> {
     let mut eff = Effects::default();
     st.submit(now, tasks, &mut eff);
-    st.activate(now, &eff.activate);
-    eff.activate
+    eff.created
 }
 
 fn connect(
