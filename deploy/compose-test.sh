@@ -166,7 +166,7 @@ else
         fi
     done
     say "building $IMAGE (target runtime-prebuilt)"
-    if ! docker build -f "$ROOT/Dockerfile" --target runtime-prebuilt \
+    if ! docker build --force-rm -f "$ROOT/Dockerfile" --target runtime-prebuilt \
         --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg BIN_DIR=dist \
         -t "$IMAGE" "$WORK/context" >"$WORK/build.log" 2>&1; then
         tail -n 40 "$WORK/build.log"
@@ -223,13 +223,21 @@ done
 pass "both worker containers connected ($(json '", ".join(w["worker_id"] + " from " + w["peer_addr"] for w in j)' <"$WORK/workers.json"))"
 
 # ---- 4. exec tasks from the host, run by both workers ------------------------------------------
+# Submitted all at once, each running 1 s: a worker holds at most 2 (its slots), so the other
+# worker must get some, whatever order the broker prefers workers in.
 say "submitting $EXEC_TASKS exec tasks from the host"
+pids=()
+for i in $(seq 1 "$EXEC_TASKS"); do
+    taskctl --json exec -- sh -c 'sleep 1; hostname' >"$WORK/submit.$i.json" 2>&1 &
+    pids+=("$!")
+done
+for i in $(seq 1 "$EXEC_TASKS"); do
+    wait "${pids[$((i - 1))]}" || fail "taskctl exec #$i: $(cat "$WORK/submit.$i.json")"
+done
 : >"$WORK/exec.ids"
 for i in $(seq 1 "$EXEC_TASKS"); do
-    taskctl --json exec -- sh -c 'sleep 0.2; hostname' >"$WORK/submit.json" ||
-        fail "taskctl exec #$i"
-    json 'j["id"]' <"$WORK/submit.json" >>"$WORK/exec.ids" ||
-        fail "no id in the reply to exec #$i: $(cat "$WORK/submit.json")"
+    json 'j["id"]' <"$WORK/submit.$i.json" >>"$WORK/exec.ids" ||
+        fail "no id in the reply to exec #$i: $(cat "$WORK/submit.$i.json")"
 done
 mapfile -t EXEC_IDS <"$WORK/exec.ids"
 rc=0
