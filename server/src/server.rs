@@ -1,5 +1,6 @@
 //! [`run`]: opens the store, recovers, serves the gRPC services until shutdown, then drains.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::api::auth::Auth;
 use crate::api::tasks::TaskApi;
 use crate::api::work::WorkApi;
 use crate::config::{Config, ConfigError};
+use crate::core::state::{Effects, Now, State};
 use crate::core::{Broker, CoreConfig};
 use crate::store::committer::Committer;
 use crate::store::sled::SledStore;
@@ -137,17 +139,31 @@ pub async fn run_with_hooks(
     if let Some(wait) = hooks.before_recovery {
         wait.await;
     }
-    // Open and recover the store while health says NOT_SERVING.
+    // Open and recover the store while health says NOT_SERVING; records are turned into
+    // the in-memory state one by one as they are read.
+    let core_cfg = CoreConfig {
+        lease: config.lease,
+        heartbeat: config.heartbeat,
+        grace: config.grace,
+        max_message_bytes: max_msg,
+        max_result_bytes: config.max_result_bytes,
+    };
     let opened = {
         let cfg = config.clone();
         tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let store = SledStore::open(&cfg.data_dir, cfg.sync, cfg.cache_capacity)?;
-            let tasks = store.load()?;
-            Ok((store, tasks))
+            let now = Now::now();
+            let mut state = State::new(core_cfg, rand::random::<u64>());
+            let mut eff = Effects::default();
+            let mut phantoms = HashMap::new();
+            let started = std::time::Instant::now();
+            let count = store.load(&mut |t| state.recover_one(now, t, &mut phantoms, &mut eff))?;
+            tracing::info!(tasks = count, took = ?started.elapsed(), "store recovered");
+            Ok((store, state, eff, count))
         })
         .await
     };
-    let (store, stored) = match opened {
+    let (store, state, eff, recovered) = match opened {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             serve_stop.cancel();
@@ -160,16 +176,8 @@ pub async fn run_with_hooks(
             return Err(ServerError::Internal(format!("store open task: {e}")));
         }
     };
-    let recovered = stored.len();
     let committer = Arc::new(Committer::start(Arc::new(store)));
-    let core_cfg = CoreConfig {
-        lease: config.lease,
-        heartbeat: config.heartbeat,
-        grace: config.grace,
-        max_message_bytes: max_msg,
-        max_result_bytes: config.max_result_bytes,
-    };
-    let broker = Broker::recover(core_cfg, committer.clone(), stored);
+    let broker = Broker::from_state(state, eff, committer.clone());
     let timers_stop = CancellationToken::new();
     let timers = tokio::spawn(broker.clone().run_timers(timers_stop.clone()));
     api.set_broker(broker.clone());

@@ -76,9 +76,18 @@ impl Broker {
         committer: Arc<Committer>,
         stored: Vec<StoredTask>,
     ) -> Arc<Broker> {
-        let seed = rand::random::<u64>();
+        let now = Now::now();
+        let mut st = State::new(cfg, rand::random::<u64>());
+        let mut eff = Effects::default();
+        st.recover(now, stored, &mut eff);
+        Broker::from_state(st, eff, committer)
+    }
+
+    /// Builds the broker around a recovered state; `eff` holds the writes of the recovery
+    /// (sweeps of expired tasks).
+    pub fn from_state(st: State, eff: Effects, committer: Arc<Committer>) -> Arc<Broker> {
         let broker = Arc::new(Broker {
-            state: Mutex::new(State::new(cfg, seed)),
+            state: Mutex::new(st),
             committer,
             timer_wake: Notify::new(),
             epoch: Uuid::new_v4().to_string(),
@@ -87,8 +96,6 @@ impl Broker {
         {
             let now = Now::now();
             let mut st = broker.lock();
-            let mut eff = Effects::default();
-            st.recover(now, stored, &mut eff);
             broker.push_background(&mut st, now, eff);
         }
         broker

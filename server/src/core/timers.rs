@@ -144,11 +144,25 @@ impl State {
     /// - RUNNING tasks stay leased to their worker, which gets the grace to reconnect and
     ///   claim them; after it they are requeued.
     pub fn recover(&mut self, now: Now, stored: Vec<StoredTask>, eff: &mut Effects) {
-        let grace = self.cfg.grace;
-        let mut phantoms: HashMap<String, ConnId> = HashMap::new();
+        let mut phantoms = HashMap::new();
         for st in stored {
+            self.recover_one(now, st, &mut phantoms, eff);
+        }
+    }
+
+    /// Recovers one stored task (see [`State::recover`]); `phantoms` maps the worker ids of
+    /// recovered RUNNING tasks to their (disconnected) worker entries.
+    pub fn recover_one(
+        &mut self,
+        now: Now,
+        st: StoredTask,
+        phantoms: &mut HashMap<String, ConnId>,
+        eff: &mut Effects,
+    ) {
+        let grace = self.cfg.grace;
+        {
             let Ok(id) = st.state.id.parse::<Uuid>() else {
-                continue;
+                return;
             };
             let mut entry = TaskEntry {
                 id,
@@ -166,7 +180,7 @@ impl State {
             let state = entry.state();
             if state.is_terminal() && entry.rec.expires_at_unix_ms <= now.wall_ms {
                 eff.behind.push(WriteOp::Delete { id });
-                continue;
+                return;
             }
             let last_ended_by_outcome = entry.rec.attempts.last().is_some_and(|a| {
                 a.number == entry.rec.attempt

@@ -305,8 +305,11 @@ mod tests {
 
     struct FailingStore;
     impl Store for FailingStore {
-        fn load(&self) -> Result<Vec<crate::store::StoredTask>, StoreError> {
-            Ok(Vec::new())
+        fn load(
+            &self,
+            _each: &mut dyn FnMut(crate::store::StoredTask),
+        ) -> Result<usize, StoreError> {
+            Ok(0)
         }
         fn apply(&self, _ops: &[WriteOp]) -> Result<(), StoreError> {
             Err(StoreError::Write("injected flush failure".into()))

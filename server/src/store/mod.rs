@@ -100,8 +100,9 @@ pub enum StoreError {
 /// Implementations are called from one writer thread ([`committer::Committer`]) for writes, and
 /// once at start for [`Store::load`].
 pub trait Store: Send + Sync + 'static {
-    /// Reads every task back (recovery at start).
-    fn load(&self) -> Result<Vec<StoredTask>, StoreError>;
+    /// Reads every task back (recovery at start), handing each to `each` as it is read (so
+    /// recovery never holds all decoded records at once); returns how many there were.
+    fn load(&self, each: &mut dyn FnMut(StoredTask)) -> Result<usize, StoreError>;
     /// Applies `ops` atomically and makes them durable before returning `Ok`.
     fn apply(&self, ops: &[WriteOp]) -> Result<(), StoreError>;
     /// Flushes everything; called once at shutdown.

@@ -152,8 +152,12 @@ impl SledStore {
 }
 
 impl Store for SledStore {
-    fn load(&self) -> Result<Vec<StoredTask>, StoreError> {
-        let mut out = Vec::new();
+    fn load(&self, each: &mut dyn FnMut(StoredTask)) -> Result<usize, StoreError> {
+        let mut count = 0usize;
+        let mut out = |t: StoredTask| {
+            count += 1;
+            each(t);
+        };
         // A submit record waiting for a possible state record of the same task.
         let mut pending: Option<(Uuid, pb::TaskSpec, pb::Task)> = None;
         for item in self.tasks.iter() {
@@ -169,7 +173,7 @@ impl Store for SledStore {
             match k[16] {
                 KIND_SUBMIT => {
                     if let Some((_, spec, state)) = pending.take() {
-                        out.push(StoredTask { spec, state });
+                        out(StoredTask { spec, state });
                     }
                     let mut t = pb::Task::decode(v.as_ref()).map_err(|e| corrupt(e.to_string()))?;
                     let mut spec = t.spec.take().unwrap_or_default();
@@ -179,7 +183,7 @@ impl Store for SledStore {
                 KIND_STATE => {
                     let state = pb::Task::decode(v.as_ref()).map_err(|e| corrupt(e.to_string()))?;
                     match pending.take() {
-                        Some((sid, spec, _)) if sid == id => out.push(StoredTask { spec, state }),
+                        Some((sid, spec, _)) if sid == id => out(StoredTask { spec, state }),
                         _ => return Err(corrupt("state record without its submit record".into())),
                     }
                 }
@@ -187,9 +191,9 @@ impl Store for SledStore {
             }
         }
         if let Some((_, spec, state)) = pending.take() {
-            out.push(StoredTask { spec, state });
+            out(StoredTask { spec, state });
         }
-        Ok(out)
+        Ok(count)
     }
 
     fn apply(&self, ops: &[WriteOp]) -> Result<(), StoreError> {
