@@ -185,14 +185,30 @@ user="$(docker run --rm --entrypoint id "$IMAGE" -u)"
 pass "image runs as uid 10001; the libraries of all three binaries resolve"
 
 # ---- 3. the main stack: token, broker + 2 workers on a free port -------------------------------
-PORT="$(free_port)"
-say "compose up $PROJECT: broker on 127.0.0.1:$PORT, 2 workers, token set"
-PROJECTS+=("$PROJECT")
-if ! TASKD_IMAGE="$IMAGE" TASKD_PORT="$PORT" TASKD_TOKEN="$TOKEN" TASKWORKER_CONCURRENCY=2 \
-    compose up -d --no-build --scale worker=2 >"$WORK/up.log" 2>&1; then
-    cat "$WORK/up.log"
+export TASKD_IMAGE="$IMAGE"
+# stack_up PROJECT LOG ARGS...: `compose up -d --no-build ARGS` under PROJECT with the broker on a
+# free host port (again on another one if it was taken meanwhile); sets STACK_PORT.
+stack_up() {
+    local project=$1 log=$2 try
+    shift 2
+    PROJECTS+=("$project")
+    for try in 1 2 3; do
+        STACK_PORT="$(free_port)"
+        if TASKD_PORT="$STACK_PORT" compose_p "$project" up -d --no-build "$@" >"$log" 2>&1; then
+            return 0
+        fi
+        grep -qiE 'port is already allocated|address already in use' "$log" || break
+        say "port $STACK_PORT was taken meanwhile (try $try); again on another"
+        compose_p "$project" down -v -t 1 >/dev/null 2>&1 || true
+    done
+    cat "$log"
+    return 1
+}
+
+say "compose up $PROJECT: 2 workers, token set"
+TASKD_TOKEN="$TOKEN" TASKWORKER_CONCURRENCY=2 stack_up "$PROJECT" "$WORK/up.log" --scale worker=2 ||
     fail "compose up"
-fi
+PORT=$STACK_PORT
 wait_for 60 "the broker to serve on 127.0.0.1:$PORT" taskctl health
 pass "broker serves on 127.0.0.1:$PORT (published port)"
 
@@ -305,20 +321,15 @@ check_durable "after compose restart broker"
 
 # A new broker container on the same named volume: what an upgrade to a new image does.
 say "replacing the broker container (compose up --force-recreate --no-deps broker)"
-TASKD_IMAGE="$IMAGE" TASKD_PORT="$PORT" TASKD_TOKEN="$TOKEN" \
+TASKD_PORT="$PORT" TASKD_TOKEN="$TOKEN" \
     compose up -d --no-build --force-recreate --no-deps broker >"$WORK/recreate.log" 2>&1 ||
     { cat "$WORK/recreate.log"; fail "replacing the broker container"; }
 check_durable "after the broker container was replaced"
 
 # ---- 6. a stack without a token (TASKD_TOKEN unset) --------------------------------------------
-OPEN_PORT="$(free_port)"
-say "compose up $PROJECT_OPEN: no token, 1 worker, broker on 127.0.0.1:$OPEN_PORT"
-PROJECTS+=("$PROJECT_OPEN")
-if ! TASKD_IMAGE="$IMAGE" TASKD_PORT="$OPEN_PORT" \
-    compose_p "$PROJECT_OPEN" up -d --no-build >"$WORK/up-open.log" 2>&1; then
-    cat "$WORK/up-open.log"
-    fail "compose up without a token"
-fi
+say "compose up $PROJECT_OPEN: no token, 1 worker"
+stack_up "$PROJECT_OPEN" "$WORK/up-open.log" || fail "compose up without a token"
+OPEN_PORT=$STACK_PORT
 out="$("$TASKCTL" --broker "127.0.0.1:$OPEN_PORT" exec --wait --wait-timeout 60s -- echo open-ok 2>&1)" ||
     fail "exec --wait on the stack without a token: $out"
 [ "$out" = open-ok ] || fail "the task on the stack without a token printed '$out'"
