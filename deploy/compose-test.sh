@@ -5,9 +5,10 @@
 #   2. builds the runtime-prebuilt image from the host-built binaries (target/debug by default);
 #   3. brings the stack up with a token under a unique compose project, two workers, a free port;
 #   4. submits exec tasks with taskctl from the host and checks that both workers ran some;
-#   5. parks tasks on a queue no worker serves, restarts the broker container, then replaces it
-#      (what an upgrade does), and checks each time that finished results and parked tasks
-#      survived and that the workers came back and run new tasks;
+#   5. parks tasks on a queue no worker serves, restarts the broker container, kills taskd with
+#      SIGKILL (Docker's restart policy brings it back), then replaces the container (what an
+#      upgrade does), and checks each time that finished results and parked tasks survived and
+#      that the workers came back and run new tasks;
 #   6. brings a second stack up without a token (TASKD_TOKEN unset) and runs a task on it;
 #   7. tears everything down (containers, networks, volumes, image), also on failure or timeout.
 #
@@ -318,6 +319,19 @@ say "restarting the broker container (compose restart broker)"
 compose restart -t 20 broker >"$WORK/restart.log" 2>&1 ||
     { cat "$WORK/restart.log"; fail "compose restart broker"; }
 check_durable "after compose restart broker"
+
+# A crash: SIGKILL to taskd itself (the child of the container's init); the restart policy
+# (unless-stopped) must bring it back, with every acknowledged write.
+broker_cid="$(compose ps -q broker)"
+init_pid="$(docker inspect --format '{{.State.Pid}}' "$broker_cid")"
+restarts_before="$(docker inspect --format '{{.RestartCount}}' "$broker_cid")"
+taskd_pid="$(ps -o pid= --ppid "$init_pid" | tr -d ' ' | head -n 1)"
+[ -n "$taskd_pid" ] || fail "no taskd process under the broker container's init ($init_pid)"
+say "killing taskd (host pid $taskd_pid) with SIGKILL"
+kill -KILL "$taskd_pid"
+restarted() { [ "$(docker inspect --format '{{.RestartCount}}' "$broker_cid")" -gt "$restarts_before" ]; }
+wait_for 60 "Docker to restart the killed broker" restarted
+check_durable "after taskd was killed (SIGKILL) and Docker restarted it"
 
 # A new broker container on the same named volume: what an upgrade to a new image does.
 say "replacing the broker container (compose up --force-recreate --no-deps broker)"
