@@ -119,8 +119,10 @@ async fn restart_keeps_a_running_task_with_a_worker_that_returns_in_the_grace() 
     let mut w = RawWorker::connect(&taskd.url(), hello("keeper", &["r"], 1)).await;
     let a = w.assignments(1).await;
     assert_eq!(a[0].attempt, 1);
-    // A later commit orders the assignment's write-behind before it: then SIGKILL.
+    // Write-behind records are written at the latest with the group after the one they arrive
+    // in: two awaited commits in sequence after the assignment make it durable. Then SIGKILL.
     submit(&mut c, vec![spec("barrier", "1")]).await;
+    submit(&mut c, vec![spec("barrier", "2")]).await;
     taskd.kill();
     taskd.restart().await.unwrap();
     let mut c = client(&taskd.url()).await;

@@ -3,7 +3,10 @@
 //! once, and only then acknowledges every waiter of the group.
 //!
 //! Two kinds of request: [`Committer::commit`] (awaited by the caller before it acknowledges
-//! anything) and [`Committer::write_behind`] (rides along in the next group, not awaited).
+//! anything) and [`Committer::write_behind`] (not awaited; its state records are written with
+//! the group after the one they arrive in, or after [`DEFER_IDLE`] when nothing else comes, and
+//! are dropped when a newer record of the same task supersedes them first; so the assignment
+//! record of a task that finishes quickly is never written).
 //! Every request gets a sequence number in channel order; [`Committer::durable_seq`] tells how
 //! far the store is durable, so readers can wait for a record they are about to show.
 //!
@@ -13,12 +16,15 @@
 //! request fails too (in-memory state may then be ahead of the disk, so nothing more may be
 //! acknowledged; the broker reports NOT_SERVING and must be restarted).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
+use uuid::Uuid;
 
 use super::{Store, StoreError, WriteOp};
 
@@ -26,11 +32,15 @@ use super::{Store, StoreError, WriteOp};
 pub const MAX_GROUP_OPS: usize = 4096;
 /// Most bytes of records in one group (a single bigger request still goes alone).
 pub const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
+/// How long deferred write-behind records wait for another request before they are written
+/// alone.
+pub const DEFER_IDLE: Duration = Duration::from_millis(2);
 
 /// How far the store is durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Durable {
-    /// Every request with a sequence number up to this one is durable.
+    /// Every awaited request ([`Committer::commit`]) with a sequence number up to this one is
+    /// durable (write-behind records may still be pending).
     pub seq: u64,
     /// A group failed: nothing after `seq` will ever become durable.
     pub failed: bool,
@@ -169,23 +179,74 @@ impl Committer {
     }
 }
 
+fn op_id(op: &WriteOp) -> Uuid {
+    match op {
+        WriteOp::Submit { id, .. } | WriteOp::State { id, .. } | WriteOp::Delete { id } => *id,
+    }
+}
+
+/// Splits a group into what is written now and the write-behind state records deferred to the
+/// next group. Records deferred from the previous group go first, unless this group touches
+/// their task again (they are older); a write-behind state record followed by an awaited
+/// write of the same task in this group is dropped (superseded). Order per task is kept.
+fn plan(deferred: &mut Vec<WriteOp>, group: Vec<(WriteOp, bool)>, defer: bool) -> Vec<WriteOp> {
+    let touched: HashSet<Uuid> = group.iter().map(|(op, _)| op_id(op)).collect();
+    let mut now: Vec<WriteOp> = deferred
+        .drain(..)
+        .filter(|op| !touched.contains(&op_id(op)))
+        .collect();
+    let mut keep = vec![true; group.len()];
+    let mut later_commit: HashSet<Uuid> = HashSet::new();
+    for (i, (op, behind)) in group.iter().enumerate().rev() {
+        let id = op_id(op);
+        if *behind && matches!(op, WriteOp::State { .. }) {
+            keep[i] = !later_commit.contains(&id);
+        } else {
+            later_commit.insert(id);
+        }
+    }
+    for ((op, behind), k) in group.into_iter().zip(keep) {
+        if !k {
+            continue;
+        }
+        if defer && behind && matches!(op, WriteOp::State { .. }) {
+            deferred.push(op);
+        } else {
+            now.push(op);
+        }
+    }
+    now
+}
+
 fn writer_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<Req>, durable: watch::Sender<Durable>) {
     let mut poisoned: Option<String> = None;
-    let mut ops: Vec<WriteOp> = Vec::new();
+    let mut group: Vec<(WriteOp, bool)> = Vec::new();
+    // Write-behind state records (assignments, requeues) wait one group: when the task's
+    // outcome follows quickly, the assignment record is superseded and never written.
+    let mut deferred: Vec<WriteOp> = Vec::new();
     let mut acks: Vec<oneshot::Sender<Result<(), StoreError>>> = Vec::new();
     let mut carry: Option<Req> = None;
     loop {
+        let mut closed = false;
         let first = match carry.take() {
-            Some(r) => r,
-            None => match rx.recv() {
-                Ok(r) => r,
+            Some(r) => Some(r),
+            None if deferred.is_empty() => match rx.recv() {
+                Ok(r) => Some(r),
                 Err(_) => return,
+            },
+            None => match rx.recv_timeout(DEFER_IDLE) {
+                Ok(r) => Some(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    None
+                }
             },
         };
         let mut stop = None;
         let mut max_seq = 0;
         let mut bytes = 0usize;
-        let mut next = Some(first);
+        let mut next = first;
         while let Some(req) = next.take() {
             match req {
                 Req::Stop(a) => {
@@ -194,20 +255,23 @@ fn writer_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<Req>, durable: watch::S
                 }
                 Req::Write { seq, ops: o, ack } => {
                     let b: usize = o.iter().map(op_bytes).sum();
-                    if !ops.is_empty()
-                        && (ops.len() + o.len() > MAX_GROUP_OPS || bytes + b > MAX_GROUP_BYTES)
+                    if !group.is_empty()
+                        && (group.len() + o.len() > MAX_GROUP_OPS || bytes + b > MAX_GROUP_BYTES)
                     {
                         carry = Some(Req::Write { seq, ops: o, ack });
                         break;
                     }
                     bytes += b;
                     max_seq = seq;
-                    ops.extend(o);
+                    let behind = ack.is_none();
+                    group.extend(o.into_iter().map(|op| (op, behind)));
                     acks.extend(ack);
                 }
             }
             next = rx.try_recv().ok();
         }
+        let finishing = stop.is_some() || closed;
+        let ops = plan(&mut deferred, std::mem::take(&mut group), !finishing);
         let result = match &poisoned {
             Some(reason) => Err(StoreError::Unavailable(format!(
                 "an earlier store write failed: {reason}"
@@ -226,6 +290,7 @@ fn writer_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<Req>, durable: watch::S
                     tracing::error!(error = %e, "store write failed; no further writes will be acknowledged");
                     poisoned = Some(e.to_string());
                 }
+                deferred.clear();
                 durable.send_modify(|d| d.failed = true);
             }
         }
@@ -235,13 +300,15 @@ fn writer_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<Req>, durable: watch::S
                 Err(e) => Err(StoreError::Write(e.to_string())),
             });
         }
-        ops.clear();
         if let Some(a) = stop {
             let r = match &poisoned {
                 Some(reason) => Err(StoreError::Unavailable(reason.clone())),
                 None => store.close(),
             };
             let _ = a.send(r);
+            return;
+        }
+        if closed {
             return;
         }
     }
@@ -301,6 +368,104 @@ mod tests {
         let (_, barrier) = c.commit(vec![]);
         assert!(barrier.await.unwrap().is_err());
         assert!(c.stop().is_err());
+    }
+
+    fn state(id: Uuid, v: u8) -> WriteOp {
+        WriteOp::State { id, bytes: vec![v] }
+    }
+
+    fn values(ops: &[WriteOp]) -> Vec<(Uuid, u8)> {
+        ops.iter()
+            .map(|op| match op {
+                WriteOp::State { id, bytes } => (*id, bytes[0]),
+                _ => panic!("unexpected op"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn write_behind_records_wait_one_group_and_are_superseded() {
+        let (x, y) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut deferred = Vec::new();
+        // An assignment (behind) followed by the outcome (awaited) in one group: one write.
+        let now = plan(
+            &mut deferred,
+            vec![(state(x, 1), true), (state(x, 2), false)],
+            true,
+        );
+        assert_eq!(values(&now), vec![(x, 2)]);
+        assert!(deferred.is_empty());
+        // A behind record waits for the next group ...
+        let now = plan(
+            &mut deferred,
+            vec![(state(x, 3), true), (state(y, 1), false)],
+            true,
+        );
+        assert_eq!(values(&now), vec![(y, 1)]);
+        assert_eq!(values(&deferred), vec![(x, 3)]);
+        // ... where a newer record of its task drops it ...
+        let now = plan(&mut deferred, vec![(state(x, 4), false)], true);
+        assert_eq!(values(&now), vec![(x, 4)]);
+        assert!(deferred.is_empty());
+        // ... and otherwise it is written first.
+        plan(&mut deferred, vec![(state(x, 5), true)], true);
+        let now = plan(&mut deferred, vec![(state(y, 2), false)], true);
+        assert_eq!(values(&now), vec![(x, 5), (y, 2)]);
+        // A behind record newer than an awaited one of the same group stays after it.
+        let now = plan(
+            &mut deferred,
+            vec![(state(x, 6), false), (state(x, 7), true)],
+            true,
+        );
+        assert_eq!(values(&now), vec![(x, 6)]);
+        assert_eq!(values(&deferred), vec![(x, 7)]);
+        // When finishing, everything is written in order.
+        let now = plan(&mut deferred, vec![(state(y, 3), true)], false);
+        assert_eq!(values(&now), vec![(x, 7), (y, 3)]);
+        assert!(deferred.is_empty());
+    }
+
+    #[tokio::test]
+    async fn deferred_records_reach_the_store_when_idle_and_at_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path(), SyncMode::Flush, 1 << 20).unwrap());
+        let c = Committer::start(store.clone());
+        let id = Uuid::now_v7();
+        let submit = crate::core::NewTask::new(
+            id,
+            taskd_proto::pb::TaskSpec {
+                name: "a".into(),
+                ..Default::default()
+            },
+        );
+        let (_, ack) = c.commit(vec![WriteOp::Submit {
+            id,
+            bytes: submit.encode(crate::core::state::Now::now()),
+        }]);
+        ack.await.unwrap().unwrap();
+        let rec = taskd_proto::pb::Task {
+            id: id.to_string(),
+            attempt: 1,
+            state: taskd_proto::pb::TaskState::Running as i32,
+            ..Default::default()
+        };
+        c.write_behind(vec![WriteOp::State {
+            id,
+            bytes: prost::Message::encode_to_vec(&rec),
+        }]);
+        let attempt = || {
+            let mut got = 0;
+            store.load(&mut |t| got = t.state.attempt).unwrap();
+            got
+        };
+        taskd_testkit::eventually(
+            std::time::Duration::from_secs(5),
+            "the deferred record",
+            || async { (attempt() == 1).then_some(()) },
+        )
+        .await
+        .unwrap();
+        c.stop().unwrap();
     }
 
     struct FailingStore;
