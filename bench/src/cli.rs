@@ -89,6 +89,9 @@ pub(crate) struct RunArgs {
     /// W1: Submit calls in flight at once.
     #[arg(long, default_value_t = 4)]
     pub(crate) inflight: usize,
+    /// W1 (and each Scaling level): runs; the median run is reported, with every run's rate.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) repeat: usize,
     /// W2: warm-up round trips (not measured). Default 50 (quick: 10).
     #[arg(long)]
     pub(crate) warmup: Option<usize>,
@@ -165,6 +168,7 @@ pub(crate) struct Params {
     pub(crate) slots: usize,
     pub(crate) batch: usize,
     pub(crate) inflight: usize,
+    pub(crate) repeat: usize,
     pub(crate) warmup: usize,
     pub(crate) rounds: usize,
     pub(crate) w3_tasks: usize,
@@ -194,6 +198,7 @@ impl RunArgs {
             slots: self.slots,
             batch: self.batch,
             inflight: self.inflight,
+            repeat: self.repeat,
             warmup: self.warmup.unwrap_or(if q { 10 } else { 50 }),
             rounds: self.rounds.unwrap_or(if q { 100 } else { 500 }),
             w3_tasks: self.w3_tasks.unwrap_or(200),
@@ -219,6 +224,7 @@ impl RunArgs {
         anyhow::ensure!(p.prequeue_batch >= 1, "--prequeue-batch must be at least 1");
         anyhow::ensure!(p.prequeue_inflight >= 1, "--prequeue-inflight must be at least 1");
         anyhow::ensure!(p.rounds >= 1, "--rounds must be at least 1");
+        anyhow::ensure!(p.repeat >= 1, "--repeat must be at least 1");
         anyhow::ensure!(
             p.w3_slots >= p.workers && p.w3_slots % p.workers == 0,
             "--w3-slots ({}) must be a positive multiple of --workers ({})",

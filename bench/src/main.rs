@@ -62,6 +62,7 @@ async fn bench(args: RunArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => procs::sibling_binary("taskd")?,
     };
+    let machine = Machine::detect();
     let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let results = tokio::select! {
         r = run::run_all(&params, &taskd) => r?,
@@ -69,7 +70,7 @@ async fn bench(args: RunArgs) -> Result<()> {
     };
     let report = Report {
         date,
-        machine: Machine::detect(),
+        machine,
         params,
         results,
     };

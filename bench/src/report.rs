@@ -34,6 +34,8 @@ pub(crate) struct Machine {
     pub(crate) cpus: usize,
     pub(crate) cpu_model: String,
     pub(crate) kernel: String,
+    /// /proc/loadavg before the run (other load on a shared machine skews figures).
+    pub(crate) loadavg: String,
 }
 
 impl Machine {
@@ -49,7 +51,11 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
+        let loadavg = std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "unknown".into());
         Machine {
+            loadavg,
             cpus: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
@@ -122,6 +128,15 @@ fn mib(kib: u64) -> String {
     format!("{:.0} MiB", kib as f64 / 1024.0)
 }
 
+/// "; median of 3 runs: 31,000 / 35,000 / 40,000", or nothing for one run.
+fn runs_note(m: &W1Measure) -> String {
+    if m.runs_tasks_per_s.len() < 2 {
+        return String::new();
+    }
+    let runs: Vec<String> = m.runs_tasks_per_s.iter().map(|r| thousands(*r)).collect();
+    format!("; median of {} runs: {}", runs.len(), runs.join(" / "))
+}
+
 /// "; CPU broker 0.31 s, workers 0.20 s, client 0.15 s", or nothing.
 fn cpu_note(cpu: Option<&CpuUse>) -> String {
     cpu.map(|c| {
@@ -166,10 +181,11 @@ impl Report {
                         e.slots_per_worker
                     ),
                     format!(
-                        "**{} tasks/s** ({:.3} s; submits acked after {:.3} s){}",
+                        "**{} tasks/s** ({:.3} s; submits acked after {:.3} s){}{}",
                         thousands(m.tasks_per_s),
                         m.secs,
                         m.submit_secs,
+                        runs_note(m),
                         cpu_note(e.cpu.as_ref())
                     ),
                     g,
@@ -193,8 +209,15 @@ impl Report {
                         m.rounds, m.warmup, e.workers, e.slots_per_worker
                     ),
                     format!(
-                        "**p50 {:.0} µs**, p90 {:.0} µs, **p99 {:.0} µs** (max {:.0} µs)",
-                        m.p50_us, m.p90_us, m.p99_us, m.max_us
+                        "**p50 {:.0} µs**, p90 {:.0} µs, **p99 {:.0} µs** (max {:.0} µs; p50 of \
+                         submit ack {:.0} µs, then completion {:.0} µs; a GetTask {:.0} µs)",
+                        m.p50_us,
+                        m.p90_us,
+                        m.p99_us,
+                        m.max_us,
+                        m.submit_p50_us,
+                        m.complete_p50_us,
+                        m.get_p50_us
                     ),
                     g,
                     ok,
@@ -256,8 +279,9 @@ impl Report {
                             thousands(l.queued as f64)
                         ),
                         format!(
-                            "**{} tasks/s**{rel}; RSS **{}** (peak {}){pre}",
+                            "**{} tasks/s**{rel}{}; RSS **{}** (peak {}){pre}",
                             thousands(l.w1.tasks_per_s),
+                            runs_note(&l.w1),
                             mib(l.memory.rss_kib),
                             mib(l.memory.peak_kib)
                         ),
@@ -292,8 +316,12 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "taskd-bench, {} — {} CPUs ({}), Linux {}\n",
-            self.date, self.machine.cpus, self.machine.cpu_model, self.machine.kernel
+            "taskd-bench, {} — {} CPUs ({}), Linux {}, load average {} before the run\n",
+            self.date,
+            self.machine.cpus,
+            self.machine.cpu_model,
+            self.machine.kernel,
+            self.machine.loadavg
         );
         let _ = writeln!(out, "| workload | sync | setup | result | goal | met |");
         let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");

@@ -54,7 +54,7 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
                 let m = bounded(
                     "W1",
                     p.timeout,
-                    w1::run(&client, p.tasks, p.batch, p.inflight),
+                    w1::run_repeated(&client, p.tasks, p.batch, p.inflight, p.repeat),
                 )
                 .await?;
                 broker.check_running()?;
@@ -113,6 +113,7 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
             tasks: p.scaling_tasks,
             batch: p.batch,
             inflight: p.inflight,
+            repeat: p.repeat,
             prequeue_batch: p.prequeue_batch,
             prequeue_inflight: p.prequeue_inflight,
             workers: p.workers,

@@ -60,6 +60,7 @@ pub(crate) struct ScalingPlan {
     pub(crate) tasks: usize,
     pub(crate) batch: usize,
     pub(crate) inflight: usize,
+    pub(crate) repeat: usize,
     pub(crate) prequeue_batch: usize,
     pub(crate) prequeue_inflight: usize,
     pub(crate) workers: usize,
@@ -88,7 +89,7 @@ pub(crate) async fn run(broker: &mut Broker, plan: &ScalingPlan) -> Result<Scali
         queued = level;
         check_depth(&client, queued).await?;
         eprintln!("  scaling: W1 with {level} queued");
-        let w1 = w1::run(&client, plan.tasks, plan.batch, plan.inflight).await?;
+        let w1 = w1::run_repeated(&client, plan.tasks, plan.batch, plan.inflight, plan.repeat).await?;
         broker.check_running()?;
         levels.push(Level {
             queued,

@@ -23,6 +23,13 @@ pub(crate) struct W2Measure {
     pub(crate) mean_us: f64,
     pub(crate) min_us: f64,
     pub(crate) max_us: f64,
+    /// p50 of the submit call alone (until the broker acknowledged the task as durable).
+    pub(crate) submit_p50_us: f64,
+    /// p50 of the rest: from the submit acknowledgement to the completion event.
+    pub(crate) complete_p50_us: f64,
+    /// p50 of a GetTask call for a finished task (after the round trips): the floor of one
+    /// unary call through client, network and broker, without storage.
+    pub(crate) get_p50_us: f64,
 }
 
 /// Runs `warmup` then `rounds` sequential round trips; each waits at most `bound`.
@@ -33,18 +40,36 @@ pub(crate) async fn run(
     bound: Duration,
 ) -> Result<W2Measure> {
     let mut samples = Vec::with_capacity(rounds);
+    let mut submits = Vec::with_capacity(rounds);
+    let mut rests = Vec::with_capacity(rounds);
+    let mut last = None;
     for i in 0..warmup + rounds {
         let task = Task::new(NOOP);
         let start = Instant::now();
         let fut = client.submit(task).await?;
+        let acked = start.elapsed();
         let outcome = fut.outcome(Some(bound)).await;
         let took = start.elapsed();
         check_success(&fut, outcome)?;
+        last = Some(fut.id());
         if i >= warmup {
             samples.push(took.as_secs_f64() * 1e6);
+            submits.push(acked.as_secs_f64() * 1e6);
+            rests.push((took - acked).as_secs_f64() * 1e6);
         }
     }
+    let mut gets = Vec::with_capacity(rounds);
+    if let Some(id) = last {
+        for _ in 0..rounds {
+            let start = Instant::now();
+            client.get(id).await?;
+            gets.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    gets.sort_by(f64::total_cmp);
     samples.sort_by(f64::total_cmp);
+    submits.sort_by(f64::total_cmp);
+    rests.sort_by(f64::total_cmp);
     Ok(W2Measure {
         rounds,
         warmup,
@@ -54,6 +79,9 @@ pub(crate) async fn run(
         mean_us: samples.iter().sum::<f64>() / samples.len().max(1) as f64,
         min_us: samples.first().copied().unwrap_or(0.0),
         max_us: samples.last().copied().unwrap_or(0.0),
+        submit_p50_us: percentile(&submits, 50.0),
+        complete_p50_us: percentile(&rests, 50.0),
+        get_p50_us: percentile(&gets, 50.0),
     })
 }
 
