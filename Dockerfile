@@ -25,8 +25,9 @@ ARG RUST_IMAGE=rust:1-bookworm
 
 # ---- common runtime layer: user, data dir, defaults -------------------------------------------
 FROM ${BASE_IMAGE} AS base
-RUN groupadd --system --gid 10001 taskd \
-    && useradd --system --uid 10001 --gid taskd --home-dir /var/lib/taskd --no-create-home \
+# --no-log-init: no sparse lastlog/faillog entries sized by the large uid.
+RUN groupadd --gid 10001 taskd \
+    && useradd --uid 10001 --gid taskd --no-log-init --home-dir /var/lib/taskd --no-create-home \
         --shell /usr/sbin/nologin taskd \
     && mkdir -p /var/lib/taskd \
     && chown taskd:taskd /var/lib/taskd \
