@@ -161,6 +161,37 @@ impl Broker {
         Some(ack)
     }
 
+    /// Like [`Broker::push`]; when the writes complete tasks, a spawned task awaits the commit
+    /// and notifies watchers and long-polls before the returned receiver resolves, so the
+    /// notification happens even when the caller goes away (a client that hangs up, a worker
+    /// stream that ends) before the commit.
+    fn push_notify(
+        self: &Arc<Self>,
+        st: &mut State,
+        now: Now,
+        eff: &mut Effects,
+        barrier: bool,
+    ) -> Option<CommitAck> {
+        let ack = self.push(st, now, eff, barrier)?;
+        if eff.completed.is_empty() {
+            return Some(ack);
+        }
+        let completed = std::mem::take(&mut eff.completed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = match ack.await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Unavailable("writer stopped".into())),
+            };
+            if result.is_ok() {
+                this.after_commit(&completed);
+            }
+            let _ = tx.send(result);
+        });
+        Some(rx)
+    }
+
     /// Like [`Broker::push`], with whatever must follow the commit done by a spawned task.
     fn push_background(self: &Arc<Self>, st: &mut State, now: Now, mut eff: Effects) {
         if let Some(ack) = self.push(st, now, &mut eff, false) {
@@ -281,21 +312,20 @@ impl Broker {
 
     /// Cancels tasks (see [`State::cancel`]).
     pub async fn cancel(
-        &self,
+        self: &Arc<Self>,
         ids: Vec<Uuid>,
         reason: String,
     ) -> Result<Vec<pb::CancelResult>, BrokerError> {
         self.check_open()?;
         let now = Now::now();
-        let (results, ack, completed) = {
+        let (results, ack) = {
             let mut st = self.lock();
             let mut eff = Effects::default();
             let results = st.cancel(now, &ids, &reason, &mut eff)?;
-            let ack = self.push(&mut st, now, &mut eff, true);
-            (results, ack, eff.completed)
+            let ack = self.push_notify(&mut st, now, &mut eff, true);
+            (results, ack)
         };
         Self::await_commit(ack).await?;
-        self.after_commit(&completed);
         Ok(results)
     }
 
@@ -388,18 +418,16 @@ impl Broker {
         credits: u32,
     ) -> impl Future<Output = Result<Vec<pb::OutcomeAck>, BrokerError>> + Send + 'static {
         let now = Now::now();
-        let (acks, ack, completed) = {
+        let (acks, ack) = {
             let mut st = self.lock();
             let mut eff = Effects::default();
             let acks = st.outcomes(now, conn, outcomes, &mut eff);
             st.add_credits(conn, credits);
-            let ack = self.push(&mut st, now, &mut eff, true);
-            (acks, ack, eff.completed)
+            let ack = self.push_notify(&mut st, now, &mut eff, true);
+            (acks, ack)
         };
-        let this = self.clone();
         async move {
             Self::await_commit(ack).await?;
-            this.after_commit(&completed);
             Ok(acks)
         }
     }

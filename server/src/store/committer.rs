@@ -468,6 +468,141 @@ mod tests {
         c.stop().unwrap();
     }
 
+    /// A store whose writes wait until the gate opens.
+    struct GateStore {
+        open: std::sync::Mutex<bool>,
+        cv: std::sync::Condvar,
+    }
+
+    impl Store for GateStore {
+        fn load(
+            &self,
+            _each: &mut dyn FnMut(crate::store::StoredTask),
+        ) -> Result<usize, StoreError> {
+            Ok(0)
+        }
+        fn apply(&self, _ops: &[WriteOp]) -> Result<(), StoreError> {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.cv.wait(open).unwrap();
+            }
+            Ok(())
+        }
+        fn close(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Events(std::sync::Mutex<Vec<taskd_proto::pb::WatchResponse>>);
+    impl crate::core::WatchSink for Events {
+        fn try_send(&self, msg: taskd_proto::pb::WatchResponse) -> crate::core::SendOutcome {
+            self.0.lock().unwrap().push(msg);
+            crate::core::SendOutcome::Sent
+        }
+        fn close(&self, _reason: crate::core::CloseReason) {}
+    }
+
+    #[derive(Default)]
+    struct Msgs(std::sync::Mutex<Vec<taskd_proto::pb::BrokerMessage>>);
+    impl crate::core::WorkerSink for Msgs {
+        fn send(&self, msg: taskd_proto::pb::BrokerMessage) -> bool {
+            self.0.lock().unwrap().push(msg);
+            true
+        }
+        fn close(&self, _reason: crate::core::CloseReason) {}
+    }
+
+    #[tokio::test]
+    async fn watchers_hear_an_outcome_even_when_its_worker_left_before_the_commit() {
+        use crate::core::{Broker, CoreConfig, NewTask};
+        use taskd_proto::pb;
+        let gate = Arc::new(GateStore {
+            open: std::sync::Mutex::new(true),
+            cv: std::sync::Condvar::new(),
+        });
+        let c = Arc::new(Committer::start(gate.clone()));
+        let cfg = CoreConfig {
+            lease: std::time::Duration::from_secs(30),
+            heartbeat: std::time::Duration::from_secs(10),
+            grace: std::time::Duration::from_secs(30),
+            max_message_bytes: 1 << 20,
+            max_result_bytes: 1 << 20,
+        };
+        let broker = Broker::recover(cfg, c, Vec::new());
+        let id = Uuid::now_v7();
+        let spec = pb::TaskSpec {
+            id: id.to_string(),
+            queue: "default".into(),
+            name: "a".into(),
+            max_attempts: 1,
+            result_ttl_ms: 60_000,
+            ..Default::default()
+        };
+        broker.submit(vec![NewTask::new(id, spec)]).await.unwrap();
+        let events = Arc::new(Events::default());
+        let wid = broker.watch_open(events.clone()).unwrap();
+        broker.watch_change(
+            wid,
+            crate::core::watch::WatchChange {
+                add_ids: vec![id],
+                ..Default::default()
+            },
+        );
+        let msgs = Arc::new(Msgs::default());
+        let hello = pb::Hello {
+            worker_id: "w".into(),
+            queues: vec!["default".into()],
+            names: vec!["a".into()],
+            slots: 1,
+            credits: 1,
+            ..Default::default()
+        };
+        let conn = broker
+            .worker_connect(hello, "peer".into(), msgs.clone())
+            .unwrap();
+        let attempt = msgs
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|m| m.assignments.iter())
+            .map(|a| a.attempt)
+            .next();
+        assert_eq!(attempt, Some(1));
+        // Hold the next group, hand in the outcome, and walk away from its ack.
+        *gate.open.lock().unwrap() = false;
+        let outcome = pb::WorkerOutcome {
+            task_id: id.to_string(),
+            attempt: 1,
+            result: Some(pb::worker_outcome::Result::Success(pb::Success::default())),
+        };
+        drop(broker.worker_outcomes(conn, vec![outcome], 0));
+        broker.worker_disconnect(conn);
+        assert!(
+            events.0.lock().unwrap().is_empty(),
+            "nothing before the commit"
+        );
+        *gate.open.lock().unwrap() = true;
+        gate.cv.notify_all();
+        taskd_testkit::eventually(
+            std::time::Duration::from_secs(5),
+            "the completion event",
+            || async {
+                let got = events
+                    .0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|m| m.completed.iter())
+                    .any(|t| t.id == id.to_string());
+                got.then_some(())
+            },
+        )
+        .await
+        .unwrap();
+    }
+
     struct FailingStore;
     impl Store for FailingStore {
         fn load(
