@@ -7,7 +7,7 @@
 //! the group after the one they arrive in, or after [`DEFER_IDLE`] when nothing else comes, and
 //! are dropped when a newer record of the same task supersedes them first; so the assignment
 //! record of a task that finishes quickly is never written).
-//! Every request gets a sequence number in channel order; [`Committer::durable_seq`] tells how
+//! Every request gets a sequence number in channel order; [`Committer::durable`] tells how
 //! far the store is durable, so readers can wait for a record they are about to show.
 //!
 //! A group is bounded by [`MAX_GROUP_OPS`] and [`MAX_GROUP_BYTES`]; it never waits for more

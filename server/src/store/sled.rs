@@ -64,6 +64,8 @@ impl SledStore {
             .path(dir)
             .cache_capacity(cache_capacity)
             .mode(sled::Mode::HighThroughput)
+            // Every group is flushed explicitly; no background flusher competing with it.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| {
                 let text = e.to_string();
