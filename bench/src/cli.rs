@@ -9,7 +9,12 @@ use serde::Serialize;
 /// The taskd benchmark: W1 throughput, W2 latency, W3 concurrency and Scaling, each against a
 /// broker and worker processes it starts itself on 127.0.0.1.
 #[derive(Debug, Parser)]
-#[command(name = "taskd-bench", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "taskd-bench",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Option<Command>,
@@ -58,6 +63,38 @@ impl SyncMode {
     }
 }
 
+/// A tokio runtime flavour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Runtime {
+    /// `new_multi_thread` (one worker thread per CPU), what `#[tokio::main]` gives.
+    MultiThread,
+    /// `new_current_thread`: everything on one thread.
+    CurrentThread,
+}
+
+impl Runtime {
+    /// The flag value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Runtime::MultiThread => "multi-thread",
+            Runtime::CurrentThread => "current-thread",
+        }
+    }
+
+    /// Builds a runtime of this flavour.
+    pub(crate) fn build(self) -> std::io::Result<tokio::runtime::Runtime> {
+        match self {
+            Runtime::MultiThread => tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build(),
+            Runtime::CurrentThread => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+        }
+    }
+}
+
 /// Flags of a benchmark run. Counts left unset take the defaults (or the `--quick`
 /// ones).
 #[derive(Debug, Args)]
@@ -90,7 +127,7 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 4)]
     pub(crate) inflight: usize,
     /// W1 (and each Scaling level): runs; the median run is reported, with every run's rate.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub(crate) repeat: usize,
     /// W2: warm-up round trips (not measured). Default 50 (quick: 10).
     #[arg(long)]
@@ -123,6 +160,12 @@ pub(crate) struct RunArgs {
     /// Bound on each workload (and on each broker start); on expiry the run fails.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "300s")]
     pub(crate) timeout: Duration,
+    /// Runtime of the benchmark client.
+    #[arg(long, value_enum, default_value_t = Runtime::MultiThread)]
+    pub(crate) client_runtime: Runtime,
+    /// Runtime of the worker processes.
+    #[arg(long, value_enum, default_value_t = Runtime::MultiThread)]
+    pub(crate) worker_runtime: Runtime,
     /// The taskd binary. Default: `taskd` next to this executable.
     #[arg(long)]
     pub(crate) taskd: Option<PathBuf>,
@@ -152,6 +195,9 @@ pub(crate) struct WorkerArgs {
     /// The queue served.
     #[arg(long, default_value = taskd_proto::DEFAULT_QUEUE)]
     pub(crate) queue: String,
+    /// Runtime flavour of this process.
+    #[arg(long, value_enum, default_value_t = Runtime::MultiThread)]
+    pub(crate) runtime: Runtime,
     /// Longest delay between reconnect attempts.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "50ms")]
     pub(crate) reconnect_max: Duration,
@@ -181,6 +227,8 @@ pub(crate) struct Params {
     pub(crate) prequeue_inflight: usize,
     #[serde(serialize_with = "crate::report::ser_ms")]
     pub(crate) timeout: Duration,
+    pub(crate) client_runtime: Runtime,
+    pub(crate) worker_runtime: Runtime,
     pub(crate) taskd_args: Vec<String>,
 }
 
@@ -215,6 +263,8 @@ impl RunArgs {
             prequeue_batch: self.prequeue_batch,
             prequeue_inflight: self.prequeue_inflight,
             timeout: self.timeout,
+            client_runtime: self.client_runtime,
+            worker_runtime: self.worker_runtime,
             taskd_args: self.taskd_arg.clone(),
         };
         anyhow::ensure!(p.workers >= 1, "--workers must be at least 1");
@@ -222,7 +272,10 @@ impl RunArgs {
         anyhow::ensure!(p.batch >= 1, "--batch must be at least 1");
         anyhow::ensure!(p.inflight >= 1, "--inflight must be at least 1");
         anyhow::ensure!(p.prequeue_batch >= 1, "--prequeue-batch must be at least 1");
-        anyhow::ensure!(p.prequeue_inflight >= 1, "--prequeue-inflight must be at least 1");
+        anyhow::ensure!(
+            p.prequeue_inflight >= 1,
+            "--prequeue-inflight must be at least 1"
+        );
         anyhow::ensure!(p.rounds >= 1, "--rounds must be at least 1");
         anyhow::ensure!(p.repeat >= 1, "--repeat must be at least 1");
         anyhow::ensure!(

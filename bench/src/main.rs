@@ -33,7 +33,11 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let flavour = match &cli.command {
+        Some(Command::Worker(args)) => args.runtime,
+        None => cli.run.client_runtime,
+    };
+    let runtime = match flavour.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("taskd-bench: error: cannot start the runtime: {e}");

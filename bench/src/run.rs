@@ -46,7 +46,14 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
         let mut broker = Broker::start(taskd, mode, &p.taskd_args, p.timeout).await?;
         let client = Client::connect(broker.url()).await?;
         if p.sync_modes.contains(&mode) && (has(Workload::W1) || has(Workload::W2)) {
-            let mut workers = WorkerSet::spawn(&broker.url(), p.workers, p.slots, false, "w1")?;
+            let mut workers = WorkerSet::spawn(
+                &broker.url(),
+                p.workers,
+                p.slots,
+                false,
+                "w1",
+                p.worker_runtime,
+            )?;
             workers.wait_connected(&client, p.timeout).await?;
             if has(Workload::W1) {
                 eprintln!("W1 ({}): {} tasks", mode.as_str(), p.tasks);
@@ -64,7 +71,12 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
                 results.push(e);
             }
             if has(Workload::W2) {
-                eprintln!("W2 ({}): {} + {} round trips", mode.as_str(), p.warmup, p.rounds);
+                eprintln!(
+                    "W2 ({}): {} + {} round trips",
+                    mode.as_str(),
+                    p.warmup,
+                    p.rounds
+                );
                 let meter = CpuMeter::start(broker.pid(), workers.pids())?;
                 let m = bounded(
                     "W2",
@@ -81,7 +93,8 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
         }
         if has(Workload::W3) && mode == p.sync {
             let per = p.w3_slots / p.workers;
-            let mut workers = WorkerSet::spawn(&broker.url(), p.workers, per, true, "w3")?;
+            let mut workers =
+                WorkerSet::spawn(&broker.url(), p.workers, per, true, "w3", p.worker_runtime)?;
             workers.wait_connected(&client, p.timeout).await?;
             eprintln!(
                 "W3 ({}): {} tasks × {:?} on {} slots",
@@ -106,7 +119,11 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
     }
 
     if has(Workload::Scaling) {
-        eprintln!("Scaling ({}): levels {:?}", p.sync.as_str(), p.scaling_levels);
+        eprintln!(
+            "Scaling ({}): levels {:?}",
+            p.sync.as_str(),
+            p.scaling_levels
+        );
         let mut broker = Broker::start(taskd, p.sync, &p.taskd_args, p.timeout).await?;
         let plan = ScalingPlan {
             levels: p.scaling_levels.clone(),
@@ -119,6 +136,7 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
             workers: p.workers,
             slots: p.slots,
             timeout: p.timeout,
+            worker_runtime: p.worker_runtime,
         };
         // Each level (pre-queue + W1) and the restart get the timeout; the whole gets their sum.
         let bound = p.timeout * (p.scaling_levels.len() as u32 + 1);

@@ -9,7 +9,7 @@ use taskd_client::Client;
 use taskd_worker::{CancellationToken, TaskError, Worker};
 use tokio::sync::mpsc;
 
-use crate::cli::WorkerArgs;
+use crate::cli::{Runtime, WorkerArgs};
 use crate::procs::{Line, Proc};
 
 /// The handler every workload's tasks name (does nothing, returns an empty output).
@@ -36,6 +36,7 @@ impl WorkerSet {
         slots: usize,
         sleep_handler: bool,
         tag: &str,
+        runtime: Runtime,
     ) -> Result<WorkerSet> {
         let exe = std::env::current_exe().context("locating the taskd-bench executable")?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -50,7 +51,9 @@ impl WorkerSet {
                 .arg("--slots")
                 .arg(slots.to_string())
                 .arg("--worker-id")
-                .arg(&id);
+                .arg(&id)
+                .arg("--runtime")
+                .arg(runtime.as_str());
             if sleep_handler {
                 cmd.arg("--sleep-handler");
             }
@@ -81,7 +84,11 @@ impl WorkerSet {
     }
 
     /// Waits at most `timeout` until the broker lists every worker of the set as connected.
-    pub(crate) async fn wait_connected(&mut self, client: &Client, timeout: Duration) -> Result<()> {
+    pub(crate) async fn wait_connected(
+        &mut self,
+        client: &Client,
+        timeout: Duration,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             for p in &mut self.procs {

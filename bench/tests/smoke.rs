@@ -42,6 +42,8 @@ fn tiny_run_of_every_workload_in_both_sync_modes() {
             "200",
             "--prequeue-batch",
             "300",
+            "--repeat",
+            "2",
             "--timeout",
             "30s",
         ])
@@ -68,7 +70,10 @@ fn tiny_run_of_every_workload_in_both_sync_modes() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let out = reader.join().expect("stdout reader");
-    assert!(status.success(), "taskd-bench failed ({status}); stdout:\n{out}");
+    assert!(
+        status.success(),
+        "taskd-bench failed ({status}); stdout:\n{out}"
+    );
 
     let report: Value = serde_json::from_str(&out).expect("stdout is JSON");
     let results = report["results"].as_array().expect("results array");
@@ -104,7 +109,11 @@ fn tiny_run_of_every_workload_in_both_sync_modes() {
     let levels = scaling["levels"].as_array().expect("levels");
     assert_eq!(levels.len(), 2);
     assert_eq!(levels[1]["queued"], 1000);
-    assert!(levels[1]["memory"]["rss_kib"].as_u64().is_some_and(|v| v > 0));
+    assert!(
+        levels[1]["memory"]["rss_kib"]
+            .as_u64()
+            .is_some_and(|v| v > 0)
+    );
     assert_eq!(scaling["restart"]["queued"], 1000);
     assert!(
         scaling["restart"]["first_task_secs"]

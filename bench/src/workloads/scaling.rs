@@ -12,6 +12,7 @@ use taskd_proto::pb;
 use taskd_proto::pb::task_service_client::TaskServiceClient;
 
 use crate::broker::Broker;
+use crate::cli::Runtime;
 use crate::procs::Memory;
 use crate::workers::{NOOP, PROBE, WorkerSet};
 use crate::workloads::w1::{self, W1Measure};
@@ -66,12 +67,20 @@ pub(crate) struct ScalingPlan {
     pub(crate) workers: usize,
     pub(crate) slots: usize,
     pub(crate) timeout: Duration,
+    pub(crate) worker_runtime: Runtime,
 }
 
 /// Runs every level against `broker` (fresh), then the restart measurement.
 pub(crate) async fn run(broker: &mut Broker, plan: &ScalingPlan) -> Result<ScalingMeasure> {
     let client = Client::connect(broker.url()).await?;
-    let mut workers = WorkerSet::spawn(&broker.url(), plan.workers, plan.slots, false, "scaling")?;
+    let mut workers = WorkerSet::spawn(
+        &broker.url(),
+        plan.workers,
+        plan.slots,
+        false,
+        "scaling",
+        plan.worker_runtime,
+    )?;
     workers.wait_connected(&client, plan.timeout).await?;
 
     let mut levels = Vec::new();
@@ -82,14 +91,20 @@ pub(crate) async fn run(broker: &mut Broker, plan: &ScalingPlan) -> Result<Scali
         let add = level - queued;
         eprintln!("  scaling: pre-queueing {add} tasks (to {level})");
         let started = Instant::now();
-        prequeue(&broker.url(), add, plan.prequeue_batch, plan.prequeue_inflight)
-            .await
-            .with_context(|| format!("pre-queueing {add} tasks"))?;
+        prequeue(
+            &broker.url(),
+            add,
+            plan.prequeue_batch,
+            plan.prequeue_inflight,
+        )
+        .await
+        .with_context(|| format!("pre-queueing {add} tasks"))?;
         let prequeue_secs = started.elapsed().as_secs_f64();
         queued = level;
         check_depth(&client, queued).await?;
         eprintln!("  scaling: W1 with {level} queued");
-        let w1 = w1::run_repeated(&client, plan.tasks, plan.batch, plan.inflight, plan.repeat).await?;
+        let w1 =
+            w1::run_repeated(&client, plan.tasks, plan.batch, plan.inflight, plan.repeat).await?;
         broker.check_running()?;
         levels.push(Level {
             queued,
@@ -108,10 +123,19 @@ pub(crate) async fn run(broker: &mut Broker, plan: &ScalingPlan) -> Result<Scali
     // Restart: stop the workers, leave one probe task on the served queue, SIGKILL the broker,
     // start it again with a worker already trying to connect, and time the probe's arrival.
     drop(workers);
-    client.submit(Task::new(PROBE).payload(b"restart".to_vec(), "text/plain")).await?;
+    client
+        .submit(Task::new(PROBE).payload(b"restart".to_vec(), "text/plain"))
+        .await?;
     drop(client);
     broker.kill();
-    let mut worker = WorkerSet::spawn(&broker.url(), 1, plan.slots, false, "restart")?;
+    let mut worker = WorkerSet::spawn(
+        &broker.url(),
+        1,
+        plan.slots,
+        false,
+        "restart",
+        plan.worker_runtime,
+    )?;
     eprintln!("  scaling: restart with {queued} queued");
     let started = Instant::now();
     broker.restart(plan.timeout).await?;
