@@ -738,3 +738,45 @@ fn tasks_spread_over_idle_workers() {
     dispatch(&mut st, now);
     assert_eq!((s1.assignments().len(), s2.assignments().len()), (2, 2));
 }
+
+#[test]
+fn list_pages_by_cursor_with_a_bounded_scan() {
+    let clock = Clock::new();
+    let mut st = state();
+    let now = clock.at(0);
+    let ids = submit(&mut st, now, (0..5000).map(|_| task("a", 0)).collect());
+    let mut eff = Effects::default();
+    st.cancel(now, &[ids[4999]], "x", &mut eff).unwrap();
+    // Filtering for the one cancelled task: the first page stops after the scan budget
+    // with a cursor, and following cursors finds it.
+    let mut cursor = None;
+    let mut found = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = st.list("", Some(pb::TaskState::Cancelled), 10, cursor);
+        pages += 1;
+        found.extend(page.tasks.into_iter().map(|t| t.id));
+        if page.next_cursor.is_empty() {
+            break;
+        }
+        cursor = Some(page.next_cursor.parse().unwrap());
+    }
+    assert_eq!(found, vec![ids[4999].to_string()]);
+    assert!(pages >= 2, "each page scans a bounded number of tasks");
+    // Plain paging returns everything once, in id order.
+    let mut all = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = st.list("default", None, 1000, cursor);
+        all.extend(
+            page.tasks
+                .into_iter()
+                .map(|t| t.id.parse::<Uuid>().unwrap()),
+        );
+        if page.next_cursor.is_empty() {
+            break;
+        }
+        cursor = Some(page.next_cursor.parse().unwrap());
+    }
+    assert_eq!(all, ids);
+}
