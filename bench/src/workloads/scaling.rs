@@ -13,7 +13,7 @@ use taskd_proto::pb::task_service_client::TaskServiceClient;
 
 use crate::broker::Broker;
 use crate::cli::Runtime;
-use crate::procs::Memory;
+use crate::procs::{CpuMeter, CpuUse, Memory};
 use crate::workers::{NOOP, PROBE, WorkerSet};
 use crate::workloads::w1::{self, W1Measure};
 
@@ -30,6 +30,8 @@ pub(crate) struct Level {
     pub(crate) prequeue_secs: f64,
     pub(crate) prequeue_per_s: f64,
     pub(crate) w1: W1Measure,
+    /// CPU used by each process during the W1 runs of this level.
+    pub(crate) cpu: CpuUse,
     /// The broker's memory right after the W1 run.
     pub(crate) memory: Memory,
 }
@@ -103,6 +105,7 @@ pub(crate) async fn run(broker: &mut Broker, plan: &ScalingPlan) -> Result<Scali
         queued = level;
         check_depth(&client, queued).await?;
         eprintln!("  scaling: W1 with {level} queued");
+        let meter = CpuMeter::start(broker.pid(), workers.pids())?;
         let w1 =
             w1::run_repeated(&client, plan.tasks, plan.batch, plan.inflight, plan.repeat).await?;
         broker.check_running()?;
@@ -116,6 +119,7 @@ pub(crate) async fn run(broker: &mut Broker, plan: &ScalingPlan) -> Result<Scali
                 0.0
             },
             w1,
+            cpu: meter.used()?,
             memory: broker.memory()?,
         });
     }
