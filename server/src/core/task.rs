@@ -21,8 +21,10 @@ pub struct NewTask {
 }
 
 impl NewTask {
-    /// A task to submit.
-    pub fn new(id: Uuid, spec: pb::TaskSpec) -> NewTask {
+    /// A task to submit. The spec's `id` is cleared (records and memory keep it once, as
+    /// the key).
+    pub fn new(id: Uuid, mut spec: pb::TaskSpec) -> NewTask {
+        spec.id = String::new();
         NewTask {
             id,
             spec,
@@ -56,9 +58,10 @@ impl NewTask {
     }
 
     /// Encodes the submit record: the initial state with the spec (and payload) inside,
-    /// without copying the payload.
+    /// without copying the payload. The id is left out (the key carries it).
     pub fn encode(&self, now: Now) -> Vec<u8> {
-        let rec = self.initial_record(now);
+        let mut rec = self.initial_record(now);
+        rec.id = String::new();
         let mut buf = Vec::with_capacity(rec.encoded_len() + self.spec.encoded_len() + 8);
         rec.encode(&mut buf).unwrap_or_default();
         // Field 2 of `Task` is `spec`; protobuf fields may come in any order.
@@ -198,11 +201,13 @@ impl TaskEntry {
         t
     }
 
-    /// The state record encoded for the store.
+    /// The state record encoded for the store (without the id: the key carries it).
     pub fn state_op(&self, id: Uuid) -> WriteOp {
+        let mut t = self.rec.to_pb(&id, true);
+        t.id = String::new();
         WriteOp::State {
             id,
-            bytes: self.rec.to_pb(&id, true).encode_to_vec(),
+            bytes: t.encode_to_vec(),
         }
     }
 

@@ -178,12 +178,16 @@ impl Store for SledStore {
                         out(StoredTask { spec, state });
                     }
                     let mut t = pb::Task::decode(v.as_ref()).map_err(|e| corrupt(e.to_string()))?;
+                    // Records leave the id out; the key carries it.
+                    t.id = id.to_string();
                     let mut spec = t.spec.take().unwrap_or_default();
                     spec.id = String::new();
                     pending = Some((id, spec, t));
                 }
                 KIND_STATE => {
-                    let state = pb::Task::decode(v.as_ref()).map_err(|e| corrupt(e.to_string()))?;
+                    let mut state =
+                        pb::Task::decode(v.as_ref()).map_err(|e| corrupt(e.to_string()))?;
+                    state.id = id.to_string();
                     match pending.take() {
                         Some((sid, spec, _)) if sid == id => out(StoredTask { spec, state }),
                         _ => return Err(corrupt("state record without its submit record".into())),
