@@ -91,9 +91,10 @@ impl WorkerBuilder {
         }
     }
 
-    /// The bearer token sent as `authorization: Bearer <token>`. Defaults to none.
+    /// The bearer token sent as `authorization: Bearer <token>`. Defaults to none; an empty
+    /// token also means none (so an empty `TASKD_TOKEN` behaves like an unset one).
     pub fn token<S: Into<String>>(mut self, token: Option<S>) -> Self {
-        self.token = token.map(Into::into);
+        self.token = token.map(Into::into).filter(|t| !t.is_empty());
         self
     }
 
