@@ -277,7 +277,12 @@ fn writer_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<Req>, durable: watch::S
                 "an earlier store write failed: {reason}"
             ))),
             None if ops.is_empty() => Ok(()),
-            None => store.apply(&ops),
+            None => {
+                let started = std::time::Instant::now();
+                let r = store.apply(&ops);
+                tracing::trace!(ops = ops.len(), took = ?started.elapsed(), "group written");
+                r
+            }
         };
         match &result {
             Ok(()) => {
