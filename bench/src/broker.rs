@@ -63,6 +63,26 @@ impl Broker {
         procs::memory(self.pid())
     }
 
+    /// Bytes the broker's data dir occupies on disk (allocated blocks).
+    pub(crate) fn disk_bytes(&self) -> Result<u64> {
+        fn walk(dir: &Path) -> std::io::Result<u64> {
+            use std::os::unix::fs::MetadataExt;
+            let mut total = 0;
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                total += if meta.is_dir() {
+                    walk(&entry.path())?
+                } else {
+                    meta.blocks() * 512
+                };
+            }
+            Ok(total)
+        }
+        let data = self.dir.path().join("data");
+        walk(&data).with_context(|| format!("measuring {}", data.display()))
+    }
+
     /// Kills the broker with SIGKILL (the data dir stays).
     pub(crate) fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {

@@ -279,12 +279,13 @@ impl Report {
                             thousands(l.queued as f64)
                         ),
                         format!(
-                            "**{} tasks/s**{rel}{}{}; RSS **{}** (peak {}){pre}",
+                            "**{} tasks/s**{rel}{}{}; RSS **{}** (peak {}); data dir {}{pre}",
                             thousands(l.w1.tasks_per_s),
                             runs_note(&l.w1),
                             cpu_note(Some(&l.cpu)),
                             mib(l.memory.rss_kib),
-                            mib(l.memory.peak_kib)
+                            mib(l.memory.peak_kib),
+                            mib(l.disk_bytes / 1024)
                         ),
                         g,
                         ok,

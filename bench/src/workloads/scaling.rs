@@ -34,6 +34,8 @@ pub(crate) struct Level {
     pub(crate) cpu: CpuUse,
     /// The broker's memory right after the W1 run.
     pub(crate) memory: Memory,
+    /// The data dir's size on disk then.
+    pub(crate) disk_bytes: u64,
 }
 
 /// The restart measurement.
@@ -121,6 +123,7 @@ pub(crate) async fn run(broker: &mut Broker, plan: &ScalingPlan) -> Result<Scali
             w1,
             cpu: meter.used()?,
             memory: broker.memory()?,
+            disk_bytes: broker.disk_bytes()?,
         });
     }
 
