@@ -19,6 +19,8 @@ pub(crate) struct Broker {
     bin: PathBuf,
     sync: SyncMode,
     extra: Vec<String>,
+    /// Where the broker's log goes (`None`: `taskd.log` in the temp dir, removed with it).
+    log_dir: Option<PathBuf>,
     addr: SocketAddr,
     dir: tempfile::TempDir,
 }
@@ -30,6 +32,7 @@ impl Broker {
         bin: &Path,
         sync: SyncMode,
         extra: &[String],
+        log_dir: Option<&Path>,
         timeout: Duration,
     ) -> Result<Broker> {
         let dir = tempfile::Builder::new()
@@ -41,6 +44,7 @@ impl Broker {
             bin: bin.to_path_buf(),
             sync,
             extra: extra.to_vec(),
+            log_dir: log_dir.map(Path::to_path_buf),
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             dir,
         };
@@ -119,7 +123,18 @@ impl Broker {
     }
 
     fn log_path(&self) -> PathBuf {
-        self.dir.path().join("taskd.log")
+        match &self.log_dir {
+            Some(dir) => {
+                let run = self
+                    .dir
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                dir.join(format!("{run}-{}.log", self.sync.as_str()))
+            }
+            None => self.dir.path().join("taskd.log"),
+        }
     }
 
     fn log_tail(&self) -> String {
@@ -135,7 +150,12 @@ impl Broker {
     async fn spawn(&mut self, listen: &str, timeout: Duration) -> Result<()> {
         let addr_file = self.dir.path().join("addr");
         let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::File::create(self.log_path()).context("creating taskd.log")?;
+        // Appended to, so a restart keeps the log of the killed broker.
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .with_context(|| format!("opening {}", self.log_path().display()))?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--listen")
             .arg(listen)
@@ -146,7 +166,10 @@ impl Broker {
             .arg("--sync")
             .arg(self.sync.as_str())
             .args(&self.extra)
-            .env("TASKD_LOG", "warn")
+            .env(
+                "TASKD_LOG",
+                std::env::var("TASKD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
         let (mut proc, _) = Proc::spawn("taskd", cmd, false)?;

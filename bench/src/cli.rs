@@ -172,6 +172,10 @@ pub(crate) struct RunArgs {
     /// Extra argument passed to taskd (repeatable), e.g. `--taskd-arg=--cache-bytes=67108864`.
     #[arg(long, allow_hyphen_values = true)]
     pub(crate) taskd_arg: Vec<String>,
+    /// Keep the brokers' logs in this directory (default: in their temp dirs, removed at the
+    /// end). Their level is `TASKD_LOG` from the environment, `warn` when unset.
+    #[arg(long)]
+    pub(crate) taskd_log_dir: Option<PathBuf>,
     /// Print the results as JSON on stdout (the table then goes to stderr).
     #[arg(long)]
     pub(crate) json: bool,
@@ -230,6 +234,7 @@ pub(crate) struct Params {
     pub(crate) client_runtime: Runtime,
     pub(crate) worker_runtime: Runtime,
     pub(crate) taskd_args: Vec<String>,
+    pub(crate) taskd_log_dir: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -266,6 +271,7 @@ impl RunArgs {
             client_runtime: self.client_runtime,
             worker_runtime: self.worker_runtime,
             taskd_args: self.taskd_arg.clone(),
+            taskd_log_dir: self.taskd_log_dir.clone(),
         };
         anyhow::ensure!(p.workers >= 1, "--workers must be at least 1");
         anyhow::ensure!(p.slots >= 1, "--slots must be at least 1");

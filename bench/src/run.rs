@@ -43,7 +43,14 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
         modes.push(p.sync);
     }
     for mode in modes {
-        let mut broker = Broker::start(taskd, mode, &p.taskd_args, p.timeout).await?;
+        let mut broker = Broker::start(
+            taskd,
+            mode,
+            &p.taskd_args,
+            p.taskd_log_dir.as_deref(),
+            p.timeout,
+        )
+        .await?;
         let client = Client::connect(broker.url()).await?;
         if p.sync_modes.contains(&mode) && (has(Workload::W1) || has(Workload::W2)) {
             let mut workers = WorkerSet::spawn(
@@ -124,7 +131,14 @@ pub(crate) async fn run_all(p: &Params, taskd: &Path) -> Result<Vec<Entry>> {
             p.sync.as_str(),
             p.scaling_levels
         );
-        let mut broker = Broker::start(taskd, p.sync, &p.taskd_args, p.timeout).await?;
+        let mut broker = Broker::start(
+            taskd,
+            p.sync,
+            &p.taskd_args,
+            p.taskd_log_dir.as_deref(),
+            p.timeout,
+        )
+        .await?;
         let plan = ScalingPlan {
             levels: p.scaling_levels.clone(),
             tasks: p.scaling_tasks,
