@@ -19,6 +19,9 @@ pub enum OpError {
     Precondition(String),
 }
 
+/// A ListTasks page stops once its tasks carry about this many bytes (at least one task).
+pub const PAGE_BYTES: usize = 2 * 1024 * 1024;
+
 /// One page of tasks.
 #[derive(Debug, Default)]
 pub struct Page {
@@ -242,9 +245,10 @@ impl State {
         Ok((n.to_pb(false), 0))
     }
 
-    /// Lists tasks in id order after `cursor`, filtered by queue and state. Scans at most a
-    /// bounded number of entries, so a page costs O(limit) even when few tasks match; a page
-    /// may then hold fewer than `limit` tasks with a cursor to go on.
+    /// Lists tasks in id order after `cursor`, filtered by queue and state (with payloads,
+    /// without attempts). Scans at most a bounded number of entries, so a page costs O(limit)
+    /// even when few tasks match, and stops after about [`PAGE_BYTES`] of tasks; a page may
+    /// then hold fewer than `limit` tasks with a cursor to go on.
     pub fn list(
         &self,
         queue: &str,
@@ -260,6 +264,7 @@ impl State {
         let mut page = Page::default();
         let mut last = None;
         let mut more = false;
+        let mut bytes = 0usize;
         for (scanned, (id, t)) in self.tasks.range((start, Bound::Unbounded)).enumerate() {
             if page.tasks.len() >= limit || scanned >= budget {
                 more = true;
@@ -273,7 +278,17 @@ impl State {
                 continue;
             }
             page.commit_seq = page.commit_seq.max(t.commit_seq);
-            page.tasks.push(t.to_pb(true));
+            let task = t.to_pb_with(false, true);
+            bytes += prost::Message::encoded_len(&task);
+            page.tasks.push(task);
+            if bytes >= PAGE_BYTES {
+                more = self
+                    .tasks
+                    .range((Bound::Excluded(*id), Bound::Unbounded))
+                    .next()
+                    .is_some();
+                break;
+            }
         }
         if more {
             if let Some(l) = last {

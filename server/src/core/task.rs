@@ -190,11 +190,16 @@ impl TaskEntry {
     /// The task for a reader: the record plus the spec; without the attempts history and the
     /// payload when `summary`.
     pub fn to_pb(&self, summary: bool) -> pb::Task {
-        let mut t = self.rec.to_pb(&self.id, !summary);
-        let mut spec = if summary {
-            self.spec.clone_without_payload()
-        } else {
+        self.to_pb_with(!summary, !summary)
+    }
+
+    /// The task for a reader, with or without the attempts history and the payload.
+    pub fn to_pb_with(&self, attempts: bool, payload: bool) -> pb::Task {
+        let mut t = self.rec.to_pb(&self.id, attempts);
+        let mut spec = if payload {
             self.spec.clone()
+        } else {
+            self.spec.clone_without_payload()
         };
         spec.id.clone_from(&t.id);
         t.spec = Some(spec);

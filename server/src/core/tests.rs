@@ -780,3 +780,32 @@ fn list_pages_by_cursor_with_a_bounded_scan() {
     }
     assert_eq!(all, ids);
 }
+
+#[test]
+fn list_pages_carry_payloads_and_stop_at_a_byte_bound() {
+    let clock = Clock::new();
+    let mut st = state();
+    let now = clock.at(0);
+    let mut big = Vec::new();
+    for _ in 0..5 {
+        let mut t = task("a", 0);
+        t.spec.payload = vec![7; 1024 * 1024];
+        big.push(t);
+    }
+    let ids = submit(&mut st, now, big);
+    let page = st.list("", None, 100, None);
+    assert_eq!(page.tasks.len(), 2, "about 2 MiB per page");
+    assert_eq!(
+        page.tasks[0].spec.as_ref().unwrap().payload.len(),
+        1024 * 1024
+    );
+    assert!(page.tasks[0].attempts.is_empty());
+    let mut all: Vec<String> = page.tasks.iter().map(|t| t.id.clone()).collect();
+    let mut cursor = page.next_cursor;
+    while !cursor.is_empty() {
+        let p = st.list("", None, 100, Some(cursor.parse().unwrap()));
+        all.extend(p.tasks.iter().map(|t| t.id.clone()));
+        cursor = p.next_cursor;
+    }
+    assert_eq!(all, ids.iter().map(|i| i.to_string()).collect::<Vec<_>>());
+}
