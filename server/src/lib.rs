@@ -11,14 +11,22 @@
 //! - [`server::run`]: wires them, serves health and reflection, shuts down gracefully.
 //!
 //! # Writes
-//! Per task, three records: the submit (one record with the spec and initial state, awaited
-//! before the client's ack), the assignment (write-behind: the task may reach its worker before
-//! the flush), the outcome (awaited before the worker's ack and before any watcher or long-poll
-//! hears of it). Groups are applied in one order, so a durable outcome implies a durable
+//! Per task, at most three records: the submit (one record with the spec and initial state,
+//! awaited before the client's ack), the assignment (write-behind: the task may reach its worker
+//! before the flush; it waits one group and is dropped when the outcome supersedes it first,
+//! so a quick task costs two writes), the outcome (awaited before the worker's ack and before
+//! any watcher or long-poll hears of it; the notification runs in a task of its own, so it
+//! happens even when the worker hangs up first). Groups are applied in one order, so a durable outcome implies a durable
 //! submit; that is why a task may be dispatched before its own submit is durable. Readers
 //! (GetTask, ListTasks, Watch) wait until what they show is durable. A failed flush poisons
 //! the committer: no later write is acknowledged, health turns NOT_SERVING, and the broker
 //! must be restarted.
+//!
+//! # Slow readers
+//! Worker streams are unbounded but never hold more than the worker's credits of assignments.
+//! A watcher gets a bounded buffer (4096 messages); one that falls that far behind is dropped
+//! with RESOURCE_EXHAUSTED rather than slowing the commit path (it reconnects and re-adds its
+//! ids; terminal ones yield their events at once).
 //!
 //! # Fencing and recovery
 //! A (task, attempt) pair is held by at most one worker. The attempt number grows at each
