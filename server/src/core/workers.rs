@@ -265,14 +265,17 @@ impl State {
             // A recovered task whose assignment record was lost: the outcome is the claim.
             let claimable = t.recovered && o.attempt == t.rec.attempt.saturating_add(1);
             if !(claimable && self.claim(now, conn, id, o.attempt, eff)) {
-                let t = &self.tasks[&id];
+                let (state, current) = self
+                    .tasks
+                    .get(&id)
+                    .map(|t| (t.state(), t.rec.attempt))
+                    .unwrap_or((pb::TaskState::Unspecified, 0));
                 return (
                     false,
                     format!(
-                        "attempt {} is not current: the task is {} at attempt {}",
+                        "attempt {} is not current: the task is {} at attempt {current}",
                         o.attempt,
-                        t.state().as_str_name(),
-                        t.rec.attempt
+                        state.as_str_name(),
                     ),
                 );
             }
