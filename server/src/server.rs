@@ -125,7 +125,7 @@ pub async fn run_with_hooks(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_svc)
-        .add_service(reflection)
+        .add_service(InterceptedService::new(reflection, auth.clone()))
         .add_service(InterceptedService::new(task_svc, auth.clone()))
         .add_service(InterceptedService::new(work_svc, auth));
     let stop = serve_stop.clone();

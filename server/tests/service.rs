@@ -385,6 +385,24 @@ async fn token_is_required_when_configured() {
             .tasks
             .is_empty()
     );
+    // Reflection needs the token too.
+    {
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut r = ServerReflectionClient::new(channel(&server.url()).await);
+        let err = match r
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+        {
+            Ok(s) => s.into_inner().message().await.unwrap_err(),
+            Err(e) => e,
+        };
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
     // Health stays open.
     let mut h = tonic_health::pb::health_client::HealthClient::new(channel(&server.url()).await);
     let r = h
