@@ -5,7 +5,7 @@
 //!   no gRPC and no sled. One std mutex guards the state; critical sections are short and
 //!   never await.
 //! - [`store`]: durable records behind the narrow [`store::Store`] trait (sled today), and the
-//!   group [`store::committer::Committer`]: one writer thread, one batch and one flush (plus
+//!   group [`store::committer::Committer`]: one writer thread, one write and one flush (plus
 //!   fdatasync with `--sync fsync`) per group, acknowledgements only after it.
 //! - [`api`]: thin tonic services that validate input, call the core and map errors once.
 //! - [`server::run`]: wires them, serves health and reflection, shuts down gracefully.

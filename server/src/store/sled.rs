@@ -1,9 +1,9 @@
 //! The sled backend.
 //!
 //! Layout: tree `tasks` with keys `<16 id bytes><kind>` (kind 0 = submit record, 1 = state
-//! record; see [`super`]), so both
-//! records of a task sit together and one sled batch of a single tree holds a whole group
-//! (sled batches are per tree; a second tree would need a transaction, which is slower).
+//! record; see [`super`]), so both records of a task sit together in one tree (sled batches are
+//! per tree). A group is applied as sled batches of at most 512 operations, in order, then
+//! flushed once.
 //! The idempotency index is rebuilt from the specs, which carry the key, so it survives
 //! restarts without a second tree. Tree `meta` holds `format` = [`FORMAT_VERSION`] (u32 BE).
 
@@ -22,6 +22,8 @@ use crate::config::SyncMode;
 pub const FORMAT_VERSION: u32 = 1;
 const KIND_SUBMIT: u8 = 0;
 const KIND_STATE: u8 = 1;
+/// Most operations in one sled batch (see [`SledStore`]'s `apply`).
+const BATCH_OPS: usize = 512;
 
 /// A hook that replaces the fdatasync step (tests inject failures with it).
 pub type SyncHook = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
@@ -203,6 +205,32 @@ impl Store for SledStore {
     }
 
     fn apply(&self, ops: &[WriteOp]) -> Result<(), StoreError> {
+        // Several small sled batches rather than one big one: sled keeps far more memory for
+        // huge batches (measured: 300k records in batches of 10,000 left RSS +890 MB, in
+        // batches of 1,000 +100 MB). Atomicity per chunk is enough: chunks are applied in
+        // order, so a crash keeps a prefix of the group, none of which was acknowledged.
+        for chunk in ops.chunks(BATCH_OPS) {
+            self.apply_chunk(chunk)?;
+        }
+        self.db
+            .flush()
+            .map_err(|e| StoreError::Write(format!("flush: {e}")))?;
+        self.sync()
+            .map_err(|e| StoreError::Write(format!("fdatasync: {e}")))?;
+        Ok(())
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map_err(|e| StoreError::Write(format!("flush: {e}")))?;
+        self.sync()
+            .map_err(|e| StoreError::Write(format!("fdatasync: {e}")))
+    }
+}
+
+impl SledStore {
+    fn apply_chunk(&self, ops: &[WriteOp]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for op in ops {
             match op {
@@ -220,20 +248,6 @@ impl Store for SledStore {
         }
         self.tasks
             .apply_batch(batch)
-            .map_err(|e| StoreError::Write(format!("apply batch: {e}")))?;
-        self.db
-            .flush()
-            .map_err(|e| StoreError::Write(format!("flush: {e}")))?;
-        self.sync()
-            .map_err(|e| StoreError::Write(format!("fdatasync: {e}")))?;
-        Ok(())
-    }
-
-    fn close(&self) -> Result<(), StoreError> {
-        self.db
-            .flush()
-            .map_err(|e| StoreError::Write(format!("flush: {e}")))?;
-        self.sync()
-            .map_err(|e| StoreError::Write(format!("fdatasync: {e}")))
+            .map_err(|e| StoreError::Write(format!("apply batch: {e}")))
     }
 }
