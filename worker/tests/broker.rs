@@ -511,10 +511,6 @@ async fn a_wrong_token_ends_run_with_a_typed_error_and_bad_flags_exit_nonzero() 
 }
 
 #[tokio::test]
-#[ignore = "broker bug (server/src/core/dispatch.rs): the start-worker rotation advances on every \
-            dispatch pass, also on the pass a returned credit triggers, so with one task at a \
-            time it advances by 2 per task and two idle workers always get the same start: every \
-            task goes to one worker"]
 async fn tasks_submitted_one_at_a_time_spread_over_idle_workers() {
     require_binaries();
     let taskd = Taskd::start(FAST).await.unwrap();
