@@ -68,7 +68,7 @@ struct Args {
     #[arg(long, env = "TASKD_LOCAL_WORKERS", default_value_t = 0)]
     local_workers: u32,
     /// sled page cache in bytes.
-    #[arg(long, env = "TASKD_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, env = "TASKD_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
     cache_bytes: u64,
 }
 
