@@ -1,12 +1,16 @@
 //! `taskd`: the task broker. Parses flags, sets up logging, binds, and runs
-//! [`taskd_server::run_with_ready`] until SIGINT or SIGTERM.
+//! [`taskd_server::run_with_ready`] until SIGINT or SIGTERM; with `--local-workers N` it also
+//! runs an exec worker of N slots in this process (see [`LocalWorkers`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// mimalloc: glibc's malloc was a fifth of the store writer's time in profiles (sled allocates
 /// per record), and tonic/prost allocate per message.
@@ -64,9 +68,23 @@ struct Args {
     /// Bearer token every RPC must carry (health excepted).
     #[arg(long, env = "TASKD_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Workers to run inside this process (0: none).
+    /// Exec slots to run inside this process (0: none): a worker that serves the
+    /// --local-queues and runs `exec` tasks (as `taskworker` does), connected to this broker
+    /// over loopback, so that taskd alone is a working system.
     #[arg(long, env = "TASKD_LOCAL_WORKERS", default_value_t = 0)]
     local_workers: u32,
+    /// Queues the local workers serve, in order of preference (comma-separated).
+    #[arg(
+        long,
+        env = "TASKD_LOCAL_QUEUES",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
+    local_queues: Vec<String>,
+    /// At shutdown, how long tasks running in the local workers may go on before they are
+    /// stopped and handed back to the queue (the broker closes after that).
+    #[arg(long, env = "TASKD_LOCAL_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    local_grace: Duration,
     /// sled page cache in bytes.
     #[arg(long, env = "TASKD_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
     cache_bytes: u64,
@@ -163,24 +181,44 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let addr_file = args.addr_file.clone();
-    let local_workers = config.local_workers;
-    let on_ready = move |addr: SocketAddr| {
-        if let Some(path) = &addr_file {
-            if let Err(e) = write_addr_file(path, addr) {
-                tracing::error!(path = %path.display(), error = %e, "cannot write the addr file");
-            }
-        }
-        if local_workers > 0 {
-            // Hook: the in-process workers (taskd-worker) are started here, against `addr`,
-            // once the broker is ready. Not wired yet.
-            tracing::warn!(
-                local_workers,
-                "--local-workers is not wired yet; no local workers started"
-            );
+    let local = match LocalWorkers::new(&args, &config, &listener) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("taskd: error: --local-workers: {e}");
+            return ExitCode::FAILURE;
         }
     };
-    match taskd_server::run_with_ready(listener, config, shutdown_signal(), on_ready).await {
+    let addr_file = args.addr_file.clone();
+    let on_ready = {
+        let local = local.clone();
+        move |addr: SocketAddr| {
+            if let Some(path) = &addr_file {
+                if let Err(e) = write_addr_file(path, addr) {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write the addr file");
+                }
+            }
+            if let Some(local) = &local {
+                local.start();
+            }
+        }
+    };
+    let shutdown = {
+        let local = local.clone();
+        async move {
+            shutdown_signal().await;
+            // The local workers first, while the broker still serves: their running tasks
+            // are handed back (and acknowledged) before the streams close.
+            if let Some(local) = local {
+                local.stop().await;
+            }
+        }
+    };
+    let result = taskd_server::run_with_ready(listener, config, shutdown, on_ready).await;
+    if let Some(local) = local {
+        // The broker stopped on its own (an error): do not leave the workers retrying.
+        local.stop().await;
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One clear line: a log record for machines, plain text for people.
@@ -190,5 +228,142 @@ async fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The in-process exec worker of `--local-workers N`: built before the broker starts (so a bad
+/// setting fails at start), run once the broker is ready, and stopped before the broker at
+/// shutdown so that its unfinished tasks are handed back while the broker still listens.
+struct LocalWorkers {
+    /// Taken by [`LocalWorkers::start`].
+    worker: Mutex<Option<taskd_worker::Worker>>,
+    /// The running worker; taken by [`LocalWorkers::stop`]. A std mutex: held only to move
+    /// the handle in or out, never across an await.
+    running: Mutex<Option<JoinHandle<()>>>,
+    /// Starts the worker's graceful shutdown.
+    stop: CancellationToken,
+    /// Bound on the whole graceful shutdown of the worker.
+    stop_timeout: Duration,
+}
+
+/// How long a local task may go on after the local worker cancelled it (shutdown) before the
+/// worker stops waiting for it; above the exec runner's SIGTERM-to-SIGKILL grace (2 s).
+const LOCAL_CANCEL_GRACE: Duration = Duration::from_secs(3);
+/// How long the local worker waits for the broker to acknowledge its last outcomes.
+const LOCAL_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl LocalWorkers {
+    /// `None` when `--local-workers` is 0; an error when the worker cannot be configured.
+    fn new(
+        args: &Args,
+        config: &taskd_server::Config,
+        listener: &tokio::net::TcpListener,
+    ) -> Result<Option<Arc<LocalWorkers>>, String> {
+        if args.local_workers == 0 {
+            return Ok(None);
+        }
+        let bound = listener
+            .local_addr()
+            .map_err(|e| format!("listener address: {e}"))?;
+        let host: String = gethostname::gethostname()
+            .to_string_lossy()
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(100)
+            .collect();
+        let host = if host.is_empty() {
+            "localhost".to_string()
+        } else {
+            host
+        };
+        let worker = taskd_worker::Worker::builder(local_url(bound))
+            .token(config.token.clone())
+            .queues(args.local_queues.iter().map(|q| q.trim().to_string()))
+            .max_workers(args.local_workers as usize)
+            .worker_id(format!("{host}-taskd-local"))
+            .host(host)
+            .shutdown_grace(args.local_grace)
+            .cancel_grace(LOCAL_CANCEL_GRACE)
+            .ack_timeout(LOCAL_ACK_TIMEOUT)
+            .exec(taskd_worker::ExecOptions::default())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Some(Arc::new(LocalWorkers {
+            worker: Mutex::new(Some(worker)),
+            running: Mutex::new(None),
+            stop: CancellationToken::new(),
+            stop_timeout: args.local_grace
+                + LOCAL_CANCEL_GRACE
+                + LOCAL_ACK_TIMEOUT
+                + Duration::from_secs(2),
+        })))
+    }
+
+    /// Runs the worker on a task of its own (once; later calls do nothing).
+    fn start(&self) {
+        let Some(worker) = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        tracing::info!(
+            worker_id = worker.worker_id(),
+            slots = worker.max_workers(),
+            "starting the local workers"
+        );
+        let stop = self.stop.clone();
+        let handle = tokio::spawn(async move {
+            if let Err(e) = worker.run(stop).await {
+                tracing::error!(error = %e, "the local workers stopped");
+            }
+        });
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    }
+
+    /// Shuts the worker down gracefully and waits for it, at most its bound.
+    async fn stop(&self) {
+        self.stop.cancel();
+        let handle = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(mut handle) = handle else {
+            return;
+        };
+        if tokio::time::timeout(self.stop_timeout, &mut handle)
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?self.stop_timeout, "the local workers did not stop in time");
+            handle.abort();
+        }
+    }
+}
+
+/// The URL the local workers connect to: the bound address, with an unspecified IP (0.0.0.0,
+/// [::]) replaced by the loopback address of its family.
+fn local_url(bound: SocketAddr) -> String {
+    let ip = match bound.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, bound.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_url_uses_loopback_for_unspecified_addresses() {
+        assert_eq!(
+            local_url("0.0.0.0:7000".parse().unwrap()),
+            "http://127.0.0.1:7000"
+        );
+        assert_eq!(local_url("[::]:7000".parse().unwrap()), "http://[::1]:7000");
+        assert_eq!(
+            local_url("10.1.2.3:7000".parse().unwrap()),
+            "http://10.1.2.3:7000"
+        );
     }
 }
