@@ -37,7 +37,9 @@ pub struct Config {
     pub max_result_bytes: usize,
     /// Durability of acknowledged writes. Defaults to [`SyncMode::Fsync`].
     pub sync: SyncMode,
-    /// Bearer token every RPC must carry (health excepted); `None`: no check.
+    /// Bearer token every RPC must carry (health excepted); `None`: no check. An empty token
+    /// means none (as in `taskctl` and `taskworker`), so an empty `TASKD_TOKEN` is like an
+    /// unset one.
     pub token: Option<String>,
     /// Worker threads to start in-process (wired by `main`, not by [`crate::run`]). Defaults to 0.
     pub local_workers: u32,
@@ -82,8 +84,10 @@ pub struct ConfigError {
 pub const MAX_CONFIGURABLE_BYTES: usize = 64 * 1024 * 1024;
 
 impl Config {
-    /// Checks the invariants between settings; returns the config unchanged when they hold.
-    pub fn validate(self) -> Result<Config, ConfigError> {
+    /// Checks the invariants between settings; returns the config when they hold, with an
+    /// empty token turned into `None`.
+    pub fn validate(mut self) -> Result<Config, ConfigError> {
+        self.token = self.token.filter(|t| !t.is_empty());
         let err = |setting, reason: &str| ConfigError {
             setting,
             reason: reason.to_string(),
@@ -114,11 +118,10 @@ impl Config {
                 return Err(err(name, "must be between 1 and 67108864"));
             }
         }
-        if matches!(&self.token, Some(t) if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()))
-        {
+        if matches!(&self.token, Some(t) if !t.bytes().all(|b| b.is_ascii_graphic())) {
             return Err(err(
                 "--token",
-                "must be non-empty printable ASCII without spaces",
+                "must be printable ASCII without spaces (empty: no token)",
             ));
         }
         Ok(self)
@@ -127,5 +130,36 @@ impl Config {
     /// Largest gRPC message the broker accepts: the bigger limit plus room for the envelope.
     pub fn max_message_bytes(&self) -> usize {
         self.max_payload_bytes.max(self.max_result_bytes) + 1024 * 1024
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_token(token: Option<&str>) -> Result<Config, ConfigError> {
+        Config {
+            token: token.map(str::to_string),
+            ..Config::default()
+        }
+        .validate()
+    }
+
+    #[test]
+    fn an_empty_token_means_no_token() {
+        assert_eq!(with_token(Some("")).unwrap().token, None);
+        assert_eq!(with_token(None).unwrap().token, None);
+        assert_eq!(
+            with_token(Some("s3cret")).unwrap().token.as_deref(),
+            Some("s3cret")
+        );
+    }
+
+    #[test]
+    fn tokens_with_spaces_or_control_characters_are_refused() {
+        for bad in ["a b", " ", "tab\there", "new\nline", "caf\u{e9}"] {
+            let e = with_token(Some(bad)).unwrap_err();
+            assert_eq!(e.setting, "--token", "{bad:?}");
+        }
     }
 }

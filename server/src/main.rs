@@ -65,7 +65,7 @@ struct Args {
     /// Log format.
     #[arg(long, env = "TASKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
-    /// Bearer token every RPC must carry (health excepted).
+    /// Bearer token every RPC must carry (health excepted); empty: none.
     #[arg(long, env = "TASKD_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Exec slots to run inside this process (0: none): a worker that serves the
@@ -170,7 +170,7 @@ async fn main() -> ExitCode {
             SyncArg::Fsync => SyncMode::Fsync,
             SyncArg::Flush => SyncMode::Flush,
         },
-        token: args.token.clone(),
+        token: args.token.clone().filter(|t| !t.is_empty()),
         local_workers: args.local_workers,
         cache_capacity: args.cache_bytes,
     };

@@ -148,3 +148,19 @@ async fn restart_keeps_a_running_task_with_a_worker_that_returns_in_the_grace() 
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn an_empty_token_means_no_token() {
+    let taskd = Taskd::start(&["--token", ""]).await.unwrap();
+    let mut c = client(&taskd.url()).await;
+    // No authorization header at all: accepted.
+    let ids = submit(&mut c, vec![spec("t", "1")]).await;
+    assert_eq!(state(&get(&mut c, &ids[0]).await), pb::TaskState::Queued);
+
+    // A token with a space is still refused at start, with one clear line.
+    let out = run_taskd(&["--token", "two words"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--token"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
