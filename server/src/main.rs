@@ -20,7 +20,13 @@ use taskd_server::{Config, SyncMode};
 
 /// The taskd broker: a durable gRPC task queue.
 #[derive(Debug, Parser)]
-#[command(name = "taskd", version, about)]
+#[command(
+    name = "taskd",
+    version,
+    about,
+    after_help = "Logs go to stderr. Their filter is read from TASKD_LOG, else RUST_LOG (tracing \
+                  EnvFilter syntax, e.g. \"info,taskd_server=debug\"), else \"info\"."
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, env = "TASKD_LISTEN", default_value = "127.0.0.1:50051")]
@@ -102,9 +108,33 @@ enum LogFormat {
     Json,
 }
 
+/// The log filter directives: `TASKD_LOG`, else `RUST_LOG` (the first that is set and not
+/// empty), else `info`; with the variable they came from.
+fn log_directives(
+    taskd_log: Option<String>,
+    rust_log: Option<String>,
+) -> (String, Option<&'static str>) {
+    [("TASKD_LOG", taskd_log), ("RUST_LOG", rust_log)]
+        .into_iter()
+        .find_map(|(var, v)| v.filter(|v| !v.trim().is_empty()).map(|v| (v, Some(var))))
+        .unwrap_or_else(|| ("info".to_string(), None))
+}
+
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TASKD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (directives, var) = log_directives(
+        std::env::var("TASKD_LOG").ok(),
+        std::env::var("RUST_LOG").ok(),
+    );
+    let filter = match tracing_subscriber::EnvFilter::try_new(&directives) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "taskd: warning: ignoring {}={directives:?} ({e}); logging at info",
+                var.unwrap_or("the log filter")
+            );
+            tracing_subscriber::EnvFilter::new("info")
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -353,6 +383,25 @@ fn local_url(bound: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_filter_is_taskd_log_then_rust_log_then_info() {
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(
+            log_directives(s("debug"), s("warn")),
+            ("debug".to_string(), Some("TASKD_LOG"))
+        );
+        assert_eq!(
+            log_directives(None, s("warn")),
+            ("warn".to_string(), Some("RUST_LOG"))
+        );
+        assert_eq!(
+            log_directives(s(""), s("warn")),
+            ("warn".to_string(), Some("RUST_LOG"))
+        );
+        assert_eq!(log_directives(None, None), ("info".to_string(), None));
+        assert_eq!(log_directives(s(" "), s("")), ("info".to_string(), None));
+    }
 
     #[test]
     fn local_url_uses_loopback_for_unspecified_addresses() {

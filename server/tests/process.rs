@@ -164,3 +164,57 @@ async fn an_empty_token_means_no_token() {
     assert!(err.contains("--token"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Starts taskd with `env`, stops it with SIGTERM once ready, and returns what it logged.
+fn logs_with_env(env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let addr_file = dir.path().join("addr");
+    let mut cmd = Command::new(binary_path("taskd").expect("taskd built"));
+    cmd.args(["--listen", "127.0.0.1:0", "--sync", "flush", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .env_remove("TASKD_LOG")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn taskd");
+    let pid = child.id() as i32;
+    let out = std::thread::spawn(move || child.wait_with_output());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !addr_file.exists() {
+        assert!(std::time::Instant::now() < deadline, "taskd not ready");
+        assert!(!out.is_finished(), "taskd exited early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    while !out.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "taskd did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = out.join().unwrap().expect("taskd output");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn log_filter_comes_from_taskd_log_then_rust_log() {
+    assert!(
+        logs_with_env(&[]).contains("taskd ready"),
+        "info by default"
+    );
+    let quiet = logs_with_env(&[("RUST_LOG", "warn")]);
+    assert!(
+        !quiet.contains("taskd ready"),
+        "RUST_LOG=warn is obeyed: {quiet}"
+    );
+    let both = logs_with_env(&[("RUST_LOG", "warn"), ("TASKD_LOG", "info")]);
+    assert!(
+        both.contains("taskd ready"),
+        "TASKD_LOG comes first: {both}"
+    );
+}
