@@ -809,3 +809,69 @@ fn list_pages_carry_payloads_and_stop_at_a_byte_bound() {
     }
     assert_eq!(all, ids.iter().map(|i| i.to_string()).collect::<Vec<_>>());
 }
+
+fn cancelled_outcome(id: &Uuid, attempt: u32, reason: &str) -> pb::WorkerOutcome {
+    pb::WorkerOutcome {
+        task_id: id.to_string(),
+        attempt,
+        result: Some(pb::worker_outcome::Result::Cancelled(pb::Cancelled {
+            reason: reason.into(),
+        })),
+    }
+}
+
+#[test]
+fn an_unrequested_cancelled_outcome_is_a_retryable_failure() {
+    let clock = Clock::new();
+    let mut st = state();
+    let id = submit(&mut st, clock.at(0), vec![task("a", 0)])[0];
+    let (conn, sink, _) = connect(&mut st, clock.at(0), "w", &["a"], 10, vec![]);
+    assert_eq!(sink.assignments(), vec![(id.to_string(), 1)]);
+    // No cancel was asked: the task is not CANCELLED; it backs off and runs again.
+    let (ack, eff) = outcome(
+        &mut st,
+        clock.at(0),
+        conn,
+        cancelled_outcome(&id, 1, "gave up"),
+    );
+    assert!(ack.accepted && eff.completed.is_empty());
+    assert_eq!(st_of(&st, &id), pb::TaskState::Scheduled);
+    let a = &st.tasks[&id].rec.attempts[0];
+    assert!(a.error.contains("gave up"), "{a:?}");
+    let nb = st.tasks[&id].rec.not_before_unix_ms - clock.wall;
+    assert!((800..=1000).contains(&nb), "backoff applies, got {nb}");
+    fire(&mut st, clock.at(nb));
+    assert_eq!(sink.assignments(), vec![(id.to_string(), 2)]);
+    outcome(&mut st, clock.at(nb), conn, cancelled_outcome(&id, 2, ""));
+    let nb2 = st.tasks[&id].rec.not_before_unix_ms - clock.wall;
+    fire(&mut st, clock.at(nb2));
+    assert_eq!(sink.assignments(), vec![(id.to_string(), 3)]);
+    // The last attempt: it fails with kind "cancelled", as any failure does.
+    let (_, eff) = outcome(&mut st, clock.at(nb2), conn, cancelled_outcome(&id, 3, ""));
+    assert_eq!(eff.completed, vec![id]);
+    assert_eq!(st_of(&st, &id), pb::TaskState::Failed);
+    let Some(pb::outcome::Result::Failure(e)) = st.tasks[&id]
+        .rec
+        .outcome
+        .as_ref()
+        .and_then(|o| o.result.clone())
+    else {
+        panic!("a failure outcome");
+    };
+    assert_eq!(e.kind, "cancelled");
+    assert!(e.retryable);
+
+    // With a cancel requested, the same outcome ends the task CANCELLED.
+    let id2 = submit(&mut st, clock.at(nb2), vec![task("a", 0)])[0];
+    dispatch(&mut st, clock.at(nb2));
+    assert_eq!(sink.assignments(), vec![(id2.to_string(), 1)]);
+    let mut eff = Effects::default();
+    st.cancel(clock.at(nb2), &[id2], "stop", &mut eff).unwrap();
+    outcome(
+        &mut st,
+        clock.at(nb2),
+        conn,
+        cancelled_outcome(&id2, 1, "ok"),
+    );
+    assert_eq!(st_of(&st, &id2), pb::TaskState::Cancelled);
+}

@@ -21,6 +21,10 @@ pub struct Connected {
     pub reply: pb::HelloReply,
 }
 
+/// Kind of the failure recorded for a `cancelled` outcome the broker did not ask for (and of
+/// a worker's failure that acknowledges a requested cancel).
+pub const KIND_CANCELLED: &str = "cancelled";
+
 fn parse_ref(r: &pb::LeaseRef) -> Option<Uuid> {
     r.task_id.parse().ok()
 }
@@ -280,9 +284,29 @@ impl State {
                 );
             }
         }
-        let Some(result) = o.result.clone() else {
+        let Some(mut result) = o.result.clone() else {
             return (false, "outcome carries no result".into());
         };
+        // Only a cancel the broker asked for ends a task CANCELLED: a `cancelled` outcome
+        // nobody asked for (a handler that stopped on its own) is a retryable failure, so the
+        // task's attempts and backoff decide what happens next.
+        if let pb::worker_outcome::Result::Cancelled(c) = &result {
+            if !self.tasks.get(&id).is_some_and(|t| t.rec.cancel_requested) {
+                result = pb::worker_outcome::Result::Failure(pb::TaskError {
+                    message: if c.reason.is_empty() {
+                        "the worker cancelled the attempt, but no cancel was requested".into()
+                    } else {
+                        format!(
+                            "cancelled by the worker without a cancel request: {}",
+                            c.reason
+                        )
+                    },
+                    retryable: true,
+                    kind: KIND_CANCELLED.into(),
+                    ..Default::default()
+                });
+            }
+        }
         self.release_lease(&id);
         let Some(t) = self.tasks.get_mut(&id) else {
             return (false, "task vanished".into());
@@ -323,7 +347,7 @@ impl State {
                         eff.commit.push(t.state_op(id));
                     }
                     self.add_timer(now.mono_at(nb), TimerKind::Scheduled(id, nb));
-                } else if cancel_requested && e.kind == "cancelled" {
+                } else if cancel_requested && e.kind == KIND_CANCELLED {
                     let outcome = pb::Outcome {
                         result: Some(pb::outcome::Result::Cancelled(pb::Cancelled {
                             reason: msg,
