@@ -350,6 +350,7 @@ impl State {
         t.rec.finished_at_unix_ms = now.wall_ms;
         t.rec.not_before_unix_ms = 0;
         t.rec.cancel_requested = false;
+        t.rec.cancel_reason = String::new();
         t.rec.expires_at_unix_ms = now.wall_ms.saturating_add(t.spec.result_ttl_ms);
         t.holder = None;
         t.lease_deadline = None;
@@ -410,11 +411,9 @@ impl State {
             return;
         };
         if t.rec.cancel_requested {
-            let outcome = pb::Outcome {
-                result: Some(pb::outcome::Result::Cancelled(pb::Cancelled {
-                    reason: "cancelled while its worker was lost".into(),
-                })),
-            };
+            // The attempt's error says the worker was lost; the outcome gives the caller's
+            // reason.
+            let outcome = t.requested_cancel();
             self.finish(now, id, pb::TaskState::Cancelled, outcome, eff);
         } else if t.runs() >= t.spec.max_attempts {
             let outcome = pb::Outcome {

@@ -180,6 +180,10 @@ impl State {
                     let attempt = t.rec.attempt;
                     if let Some(t) = self.tasks.get_mut(id) {
                         t.rec.cancel_requested = true;
+                        // The first reason given is kept (a repeated cancel only asks again).
+                        if t.rec.cancel_reason.is_empty() {
+                            t.rec.cancel_reason = reason.to_string();
+                        }
                         eff.commit.push(t.state_op(*id));
                     }
                     if let Some(sink) = holder

@@ -96,6 +96,9 @@ pub struct Rec {
     pub retried_by: Option<Uuid>,
     /// A cancel was asked while running.
     pub cancel_requested: bool,
+    /// The reason given with that cancel (empty when none is pending); the CANCELLED outcome
+    /// carries it.
+    pub cancel_reason: String,
 }
 
 fn opt_id(s: &str) -> Option<Uuid> {
@@ -121,6 +124,7 @@ impl Rec {
             retry_of: opt_id(&t.retry_of),
             retried_by: opt_id(&t.retried_by),
             cancel_requested: t.cancel_requested,
+            cancel_reason: t.cancel_reason,
         }
     }
 
@@ -144,6 +148,7 @@ impl Rec {
             retried_by: id_text(&self.retried_by),
             cancel_requested: self.cancel_requested,
             expires_at_unix_ms: self.expires_at_unix_ms,
+            cancel_reason: self.cancel_reason.clone(),
         }
     }
 }
@@ -219,6 +224,19 @@ impl TaskEntry {
     /// Number of attempts that started.
     pub fn runs(&self) -> u32 {
         self.rec.attempts.len() as u32
+    }
+
+    /// The outcome of a requested cancel: the caller's reason (a generic one for a record
+    /// written before reasons were kept).
+    pub fn requested_cancel(&self) -> pb::Outcome {
+        let reason = if self.rec.cancel_reason.is_empty() {
+            "cancelled by request".to_string()
+        } else {
+            self.rec.cancel_reason.clone()
+        };
+        pb::Outcome {
+            result: Some(pb::outcome::Result::Cancelled(pb::Cancelled { reason })),
+        }
     }
 }
 

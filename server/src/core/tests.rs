@@ -875,3 +875,86 @@ fn an_unrequested_cancelled_outcome_is_a_retryable_failure() {
     );
     assert_eq!(st_of(&st, &id2), pb::TaskState::Cancelled);
 }
+
+fn cancel_reason_of(st: &State, id: &Uuid) -> String {
+    match st.tasks[id]
+        .rec
+        .outcome
+        .as_ref()
+        .and_then(|o| o.result.clone())
+    {
+        Some(pb::outcome::Result::Cancelled(c)) => c.reason,
+        other => panic!("not cancelled: {other:?}"),
+    }
+}
+
+#[test]
+fn a_running_task_ends_cancelled_with_the_callers_reason() {
+    use prost::Message;
+    let clock = Clock::new();
+    let mut st = state();
+    let now = clock.at(0);
+    let ids = submit(&mut st, now, vec![task("a", 0), task("a", 0), task("a", 0)]);
+    let (conn, sink, _) = connect(&mut st, now, "w", &["a"], 3, vec![]);
+    assert_eq!(sink.assignments().len(), 3);
+    let mut eff = Effects::default();
+    st.cancel(now, &ids, "deploy rollback", &mut eff).unwrap();
+    // The reason is written with the cancel request.
+    let recs: Vec<pb::Task> = eff
+        .commit
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::State { bytes, .. } => pb::Task::decode(bytes.as_slice()).ok(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(recs.len(), 3);
+    assert!(
+        recs.iter()
+            .all(|r| r.cancel_requested && r.cancel_reason == "deploy rollback")
+    );
+    // A second cancel asks again but keeps the first reason.
+    let mut eff = Effects::default();
+    st.cancel(now, &ids[..1], "other", &mut eff).unwrap();
+    assert_eq!(st.tasks[&ids[0]].rec.cancel_reason, "deploy rollback");
+
+    // The worker's acknowledgement: its words go to the attempt, the caller's to the outcome.
+    let (ack, eff) = outcome(
+        &mut st,
+        now,
+        conn,
+        cancelled_outcome(&ids[0], 1, "cancel requested by the broker"),
+    );
+    assert!(ack.accepted);
+    assert_eq!(eff.completed, vec![ids[0]]);
+    assert_eq!(st_of(&st, &ids[0]), pb::TaskState::Cancelled);
+    assert_eq!(cancel_reason_of(&st, &ids[0]), "deploy rollback");
+    assert_eq!(
+        st.tasks[&ids[0]].rec.attempts[0].error,
+        "cancel requested by the broker"
+    );
+    assert!(st.tasks[&ids[0]].rec.cancel_reason.is_empty(), "resolved");
+
+    // A failure of kind "cancelled" acknowledges the cancel too.
+    let mut f = failure(&ids[1], 1, true);
+    if let Some(pb::worker_outcome::Result::Failure(e)) = &mut f.result {
+        e.kind = "cancelled".into();
+    }
+    outcome(&mut st, now, conn, f);
+    assert_eq!(st_of(&st, &ids[1]), pb::TaskState::Cancelled);
+    assert_eq!(cancel_reason_of(&st, &ids[1]), "deploy rollback");
+
+    // Across a restart, and with the worker lost: still the caller's reason.
+    let mut after = state();
+    let mut eff = Effects::default();
+    after.recover(clock.at(100), stored(&st), &mut eff);
+    assert_eq!(after.tasks[&ids[2]].rec.cancel_reason, "deploy rollback");
+    fire(&mut after, clock.at(100 + GRACE.as_millis() as u64));
+    assert_eq!(st_of(&after, &ids[2]), pb::TaskState::Cancelled);
+    assert_eq!(cancel_reason_of(&after, &ids[2]), "deploy rollback");
+    assert!(
+        after.tasks[&ids[2]].rec.attempts[0]
+            .error
+            .starts_with(super::state::LOST_PREFIX)
+    );
+}

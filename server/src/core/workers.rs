@@ -315,6 +315,7 @@ impl State {
         let runs = t.runs();
         let max_attempts = t.spec.max_attempts;
         let cancel_requested = t.rec.cancel_requested;
+        let requested_cancel = t.requested_cancel();
         let (init, cap) = (t.spec.backoff_initial_ms, t.spec.backoff_max_ms);
         match result {
             pb::worker_outcome::Result::Success(s) => {
@@ -325,11 +326,15 @@ impl State {
                 self.finish(now, id, pb::TaskState::Succeeded, outcome, eff);
             }
             pb::worker_outcome::Result::Cancelled(c) => {
-                self.end_attempt(now, &id, "cancelled");
-                let outcome = pb::Outcome {
-                    result: Some(pb::outcome::Result::Cancelled(c)),
+                // A requested cancel (others became failures above): the worker's words go to
+                // the attempt, the caller's reason to the outcome.
+                let msg = if c.reason.is_empty() {
+                    "cancelled"
+                } else {
+                    c.reason.as_str()
                 };
-                self.finish(now, id, pb::TaskState::Cancelled, outcome, eff);
+                self.end_attempt(now, &id, msg);
+                self.finish(now, id, pb::TaskState::Cancelled, requested_cancel, eff);
             }
             pb::worker_outcome::Result::Failure(e) => {
                 let msg = if e.message.is_empty() {
@@ -348,12 +353,7 @@ impl State {
                     }
                     self.add_timer(now.mono_at(nb), TimerKind::Scheduled(id, nb));
                 } else if cancel_requested && e.kind == KIND_CANCELLED {
-                    let outcome = pb::Outcome {
-                        result: Some(pb::outcome::Result::Cancelled(pb::Cancelled {
-                            reason: msg,
-                        })),
-                    };
-                    self.finish(now, id, pb::TaskState::Cancelled, outcome, eff);
+                    self.finish(now, id, pb::TaskState::Cancelled, requested_cancel, eff);
                 } else {
                     let outcome = pb::Outcome {
                         result: Some(pb::outcome::Result::Failure(e)),
