@@ -1,6 +1,8 @@
-//! Group commit: one writer thread takes write requests from a channel, applies everything
-//! that queued up while the previous group was being flushed as one batch, makes it durable
-//! once, and only then acknowledges every waiter of the group.
+//! Group commit: one writer thread takes write requests from a channel, hands everything that
+//! queued up while the previous group was being made durable to the store as one group
+//! ([`Store::apply`]: with sled, one write-ahead log append and one fdatasync), only then
+//! acknowledges every waiter of the group, and after that lets the store apply the group
+//! lazily ([`Store::settle`]).
 //!
 //! Two kinds of request: [`Committer::commit`] (awaited by the caller before it acknowledges
 //! anything) and [`Committer::write_behind`] (not awaited; its state records are written with
@@ -284,6 +286,7 @@ fn writer_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<Req>, durable: watch::S
                 r
             }
         };
+        let written = result.is_ok() && !ops.is_empty();
         match &result {
             Ok(()) => {
                 if max_seq > 0 {
@@ -304,6 +307,17 @@ fn writer_loop(store: Arc<dyn Store>, rx: mpsc::Receiver<Req>, durable: watch::S
                 Ok(()) => Ok(()),
                 Err(e) => Err(StoreError::Write(e.to_string())),
             });
+        }
+        // The group is durable and acknowledged: the store may now do its slower work with it
+        // (the sled store applies it to sled). A failure there means later groups can not be
+        // made durable: poison.
+        if written {
+            if let Err(e) = store.settle(ops) {
+                tracing::error!(error = %e, "store write failed; no further writes will be acknowledged");
+                poisoned = Some(e.to_string());
+                deferred.clear();
+                durable.send_modify(|d| d.failed = true);
+            }
         }
         if let Some(a) = stop {
             let r = match &poisoned {
