@@ -45,7 +45,11 @@
 //!   assignment's lease could expire (writes are flushed within milliseconds, leases last
 //!   seconds).
 //! - Attempts are counted by the attempts that started (the `attempts` history), not by the
-//!   attempt number, so a skipped number costs no attempt.
+//!   attempt number, so a skipped number costs no attempt. An attempt a worker hands back at
+//!   its shutdown (a retryable failure of kind `shutdown`) is requeued at once and not
+//!   counted either (its history entry is marked `handed back: `), up to
+//!   [`core::state::MAX_FREE_HANDBACKS`] per task; the worker then gets no more assignments
+//!   until it gives new credits.
 
 pub mod api;
 pub mod config;

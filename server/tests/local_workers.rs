@@ -104,9 +104,15 @@ async fn sigterm_with_a_running_local_task_exits_zero_and_hands_it_back() {
     taskd.restart().await.unwrap();
     let mut c = client(&taskd.url()).await;
     let t = get(&mut c, &id).await;
-    assert!(!state(&t).is_terminal(), "handed back, not ended: {t:?}");
+    // Handed back: queued again at once (not SCHEDULED with a backoff), and the attempt it
+    // lost is marked as free.
     assert!(
-        t.attempts[0].error.contains("shut down"),
+        matches!(state(&t), pb::TaskState::Queued | pb::TaskState::Running),
+        "handed back, not ended nor backing off: {t:?}"
+    );
+    assert!(
+        t.attempts[0].error.starts_with("handed back: ")
+            && t.attempts[0].error.contains("shut down"),
         "the first attempt ended by the shutdown: {t:?}"
     );
 }

@@ -31,7 +31,7 @@ impl State {
         let mut order: Vec<(usize, bool, ConnId)> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.credits > 0 && w.sink.is_some())
+            .filter(|(_, w)| w.credits > 0 && w.sink.is_some() && !w.draining)
             .map(|(c, w)| (w.leases.len(), *c <= last, *c))
             .collect();
         if order.is_empty() {
@@ -61,7 +61,7 @@ impl State {
     /// Assigns worker `conn` its best ready task, by queue preference, if it has a credit.
     fn take_one(&mut self, now: Now, conn: ConnId, eff: &mut Effects) -> Option<pb::Assignment> {
         let w = self.workers.get(&conn)?;
-        if w.credits == 0 || w.sink.is_none() {
+        if w.credits == 0 || w.sink.is_none() || w.draining {
             return None;
         }
         for qi in 0..w.queues.len() {

@@ -10,7 +10,10 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-pub use super::task::{CloneWithoutPayload, LOST_PREFIX, NewTask, Rec, TaskEntry};
+pub use super::task::{
+    CloneWithoutPayload, HANDED_BACK_PREFIX, LOST_PREFIX, MAX_FREE_HANDBACKS, NewTask, Rec,
+    TaskEntry, attempt_error,
+};
 use super::watch::WatchHub;
 use crate::store::WriteOp;
 
@@ -149,6 +152,10 @@ pub struct Worker {
     pub disconnected_at_ms: u64,
     /// End of its grace while disconnected.
     pub grace_until: Option<Instant>,
+    /// It handed an attempt back because it is shutting down: it gets no more assignments
+    /// (they would only bounce back) until it gives new credits, which a shutting-down worker
+    /// never does.
+    pub draining: bool,
 }
 
 /// A timer: something to re-check at a monotonic time.

@@ -186,6 +186,27 @@ pub struct TaskEntry {
 /// Prefix of the error of an attempt that ended because its worker was lost (not an outcome).
 pub const LOST_PREFIX: &str = "lost: ";
 
+/// Prefix of the error of an attempt its worker handed back at shutdown (a retryable failure
+/// of kind `shutdown`): such an attempt costs no attempt (see [`TaskEntry::runs`]). Worker
+/// messages that happen to start with it are escaped ([`attempt_error`]), so only the broker
+/// writes it.
+pub const HANDED_BACK_PREFIX: &str = "handed back: ";
+
+/// At most this many hand-backs of one task are free; later ones count as ordinary
+/// retryable failures (attempts and backoff apply), so a handler that reports `shutdown` by
+/// itself cannot make a task run forever. Rolling restarts of a worker fleet stay far below it.
+pub const MAX_FREE_HANDBACKS: u32 = 20;
+
+/// The text recorded for an attempt that ended with a worker's `message`: the message, escaped
+/// when it would pass for an error the broker writes itself.
+pub fn attempt_error(message: &str) -> String {
+    if message.starts_with(HANDED_BACK_PREFIX) || message.starts_with(LOST_PREFIX) {
+        format!("worker: {message}")
+    } else {
+        message.to_string()
+    }
+}
+
 impl TaskEntry {
     /// The task's state.
     pub fn state(&self) -> pb::TaskState {
@@ -221,9 +242,19 @@ impl TaskEntry {
         }
     }
 
-    /// Number of attempts that started.
+    /// Number of attempts that count against `max_attempts`: those that started, except the
+    /// ones handed back at a worker's shutdown.
     pub fn runs(&self) -> u32 {
-        self.rec.attempts.len() as u32
+        self.rec.attempts.len() as u32 - self.handbacks()
+    }
+
+    /// Number of attempts handed back at a worker's shutdown (free ones).
+    pub fn handbacks(&self) -> u32 {
+        self.rec
+            .attempts
+            .iter()
+            .filter(|a| a.error.starts_with(HANDED_BACK_PREFIX))
+            .count() as u32
     }
 
     /// The outcome of a requested cancel: the caller's reason (a generic one for a record

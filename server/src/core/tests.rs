@@ -958,3 +958,110 @@ fn a_running_task_ends_cancelled_with_the_callers_reason() {
             .starts_with(super::state::LOST_PREFIX)
     );
 }
+
+fn handback(id: &Uuid, attempt: u32) -> pb::WorkerOutcome {
+    pb::WorkerOutcome {
+        task_id: id.to_string(),
+        attempt,
+        result: Some(pb::worker_outcome::Result::Failure(pb::TaskError {
+            message: "the worker shut down before the attempt finished".into(),
+            retryable: true,
+            kind: "shutdown".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+#[test]
+fn a_handed_back_attempt_is_requeued_at_once_and_costs_no_attempt() {
+    let clock = Clock::new();
+    let mut st = state();
+    let now = clock.at(0);
+    let id = submit(&mut st, now, vec![task("a", 0)])[0];
+    // More hand-backs than max_attempts (3), each by a worker that is shutting down.
+    for attempt in 1..=5u32 {
+        let (conn, sink, _) = connect(&mut st, now, &format!("w{attempt}"), &["a"], 2, vec![]);
+        assert_eq!(sink.assignments(), vec![(id.to_string(), attempt)]);
+        let (ack, eff) = outcome(&mut st, now, conn, handback(&id, attempt));
+        assert!(ack.accepted && eff.completed.is_empty());
+        assert!(
+            !eff.commit.is_empty(),
+            "the hand-back is written before its ack"
+        );
+        // Queued again at once (no backoff), and not sent back to the worker that is leaving,
+        // although it still has a credit.
+        assert_eq!(st_of(&st, &id), pb::TaskState::Queued);
+        assert_eq!(st.tasks[&id].rec.not_before_unix_ms, 0);
+        dispatch(&mut st, now);
+        assert!(sink.assignments().is_empty());
+        assert_eq!(st.tasks[&id].runs(), 0);
+        let (ack, _) = outcome(&mut st, now, conn, handback(&id, attempt));
+        assert!(ack.accepted, "a resent hand-back is acknowledged again");
+    }
+    // The next worker runs it: the history keeps every hand-back, marked, with its error.
+    let (conn, sink, _) = connect(&mut st, now, "last", &["a"], 1, vec![]);
+    assert_eq!(sink.assignments(), vec![(id.to_string(), 6)]);
+    // Its failures still get the full max_attempts.
+    outcome(&mut st, now, conn, failure(&id, 6, true));
+    assert_eq!(st_of(&st, &id), pb::TaskState::Scheduled);
+    assert_eq!(st.tasks[&id].runs(), 1);
+    let t = &st.tasks[&id].rec;
+    assert_eq!(t.attempts.len(), 6);
+    assert!(t.attempts[..5].iter().all(|a| {
+        a.error.starts_with(super::state::HANDED_BACK_PREFIX) && a.error.contains("shut down")
+    }));
+    assert_eq!(t.attempts[5].error, "boom");
+}
+
+#[test]
+fn hand_backs_beyond_the_free_ones_count_and_cannot_be_forged() {
+    let clock = Clock::new();
+    let mut st = state();
+    let now = clock.at(0);
+    let id = submit(&mut st, now, vec![task("a", 0)])[0];
+    let (conn, sink, _) = connect(&mut st, now, "w", &["a"], 1, vec![]);
+    let mut attempt = 0;
+    for _ in 0..super::state::MAX_FREE_HANDBACKS {
+        attempt = sink.assignments()[0].1;
+        outcome(&mut st, now, conn, handback(&id, attempt));
+        assert_eq!(st_of(&st, &id), pb::TaskState::Queued);
+        // A live worker gives its slot back: it takes work again.
+        st.add_credits(conn, 1);
+        dispatch(&mut st, now);
+    }
+    // The next one is an ordinary retryable failure: counted, with backoff.
+    attempt += 1;
+    assert_eq!(sink.assignments(), vec![(id.to_string(), attempt)]);
+    outcome(&mut st, now, conn, handback(&id, attempt));
+    assert_eq!(st_of(&st, &id), pb::TaskState::Scheduled);
+    assert_eq!(st.tasks[&id].runs(), 1);
+
+    // A worker's own message cannot pass for a hand-back.
+    let id2 = submit(&mut st, now, vec![task("a", 0)])[0];
+    st.add_credits(conn, 1);
+    dispatch(&mut st, now);
+    assert_eq!(sink.assignments(), vec![(id2.to_string(), 1)]);
+    let mut f = failure(&id2, 1, true);
+    if let Some(pb::worker_outcome::Result::Failure(e)) = &mut f.result {
+        e.message = format!("{}fake", super::state::HANDED_BACK_PREFIX);
+    }
+    outcome(&mut st, now, conn, f);
+    assert_eq!(st.tasks[&id2].runs(), 1);
+    assert_eq!(st_of(&st, &id2), pb::TaskState::Scheduled);
+}
+
+#[test]
+fn a_hand_back_of_a_task_being_cancelled_ends_it_cancelled() {
+    let clock = Clock::new();
+    let mut st = state();
+    let now = clock.at(0);
+    let id = submit(&mut st, now, vec![task("a", 0)])[0];
+    let (conn, sink, _) = connect(&mut st, now, "w", &["a"], 1, vec![]);
+    assert_eq!(sink.assignments().len(), 1);
+    let mut eff = Effects::default();
+    st.cancel(now, &[id], "no longer needed", &mut eff).unwrap();
+    let (_, eff) = outcome(&mut st, now, conn, handback(&id, 1));
+    assert_eq!(eff.completed, vec![id]);
+    assert_eq!(st_of(&st, &id), pb::TaskState::Cancelled);
+    assert_eq!(cancel_reason_of(&st, &id), "no longer needed");
+}

@@ -236,6 +236,7 @@ impl State {
                                     connected_at_ms: 0,
                                     disconnected_at_ms: now.wall_ms,
                                     grace_until: Some(now.mono + grace),
+                                    draining: false,
                                 },
                             );
                             self.by_worker_id.insert(wid.clone(), c);

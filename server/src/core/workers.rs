@@ -10,7 +10,10 @@ use std::sync::Arc;
 use taskd_proto::pb;
 use uuid::Uuid;
 
-use super::state::{CloseReason, ConnId, Effects, Now, State, TimerKind, Worker, WorkerSink};
+use super::state::{
+    CloseReason, ConnId, Effects, HANDED_BACK_PREFIX, MAX_FREE_HANDBACKS, Now, State, TimerKind,
+    Worker, WorkerSink, attempt_error,
+};
 
 /// How a hello went.
 #[derive(Debug)]
@@ -24,6 +27,11 @@ pub struct Connected {
 /// Kind of the failure recorded for a `cancelled` outcome the broker did not ask for (and of
 /// a worker's failure that acknowledges a requested cancel).
 pub const KIND_CANCELLED: &str = "cancelled";
+
+/// Kind of the retryable failure a worker reports for an attempt it stops because it is
+/// shutting down (the worker SDK's hand-back): the task is queued again at once, and the
+/// attempt does not count against `max_attempts` (up to [`MAX_FREE_HANDBACKS`] per task).
+pub const KIND_SHUTDOWN: &str = "shutdown";
 
 fn parse_ref(r: &pb::LeaseRef) -> Option<Uuid> {
     r.task_id.parse().ok()
@@ -62,6 +70,7 @@ impl State {
             connected_at_ms: now.wall_ms,
             disconnected_at_ms: 0,
             grace_until: None,
+            draining: false,
         };
         self.workers.insert(conn, worker);
         self.by_worker_id.insert(hello.worker_id.clone(), conn);
@@ -191,6 +200,8 @@ impl State {
             return;
         }
         if let Some(w) = self.workers.get_mut(&conn) {
+            // New credits: the worker takes work again (it is not shutting down after all).
+            w.draining = false;
             w.credits = w.credits.saturating_add(credits).min(1_000_000);
             self.dispatch_needed = true;
         }
@@ -315,6 +326,7 @@ impl State {
         let runs = t.runs();
         let max_attempts = t.spec.max_attempts;
         let cancel_requested = t.rec.cancel_requested;
+        let free_handbacks_left = t.handbacks() < MAX_FREE_HANDBACKS;
         let requested_cancel = t.requested_cancel();
         let (init, cap) = (t.spec.backoff_initial_ms, t.spec.backoff_max_ms);
         match result {
@@ -333,7 +345,7 @@ impl State {
                 } else {
                     c.reason.as_str()
                 };
-                self.end_attempt(now, &id, msg);
+                self.end_attempt(now, &id, &attempt_error(msg));
                 self.finish(now, id, pb::TaskState::Cancelled, requested_cancel, eff);
             }
             pb::worker_outcome::Result::Failure(e) => {
@@ -342,7 +354,25 @@ impl State {
                 } else {
                     e.message.clone()
                 };
-                self.end_attempt(now, &id, &msg);
+                let shutdown = e.retryable && e.kind == KIND_SHUTDOWN;
+                if shutdown {
+                    // Whatever becomes of this task, the worker is going away: send it no more.
+                    if let Some(w) = self.workers.get_mut(&conn) {
+                        w.draining = true;
+                    }
+                }
+                if shutdown && !cancel_requested && free_handbacks_left {
+                    // Handed back at the worker's shutdown: queued again at once, no attempt
+                    // spent (the history keeps it, marked).
+                    self.end_attempt(now, &id, &format!("{HANDED_BACK_PREFIX}{msg}"));
+                    self.set_state(&id, pb::TaskState::Queued);
+                    if let Some(t) = self.tasks.get(&id) {
+                        eff.commit.push(t.state_op(id));
+                    }
+                    self.push_ready(id);
+                    return (true, String::new());
+                }
+                self.end_attempt(now, &id, &attempt_error(&msg));
                 if e.retryable && runs < max_attempts && !cancel_requested {
                     let delay = self.backoff(init, cap, runs);
                     let nb = now.wall_ms.saturating_add(delay);
@@ -352,7 +382,7 @@ impl State {
                         eff.commit.push(t.state_op(id));
                     }
                     self.add_timer(now.mono_at(nb), TimerKind::Scheduled(id, nb));
-                } else if cancel_requested && e.kind == KIND_CANCELLED {
+                } else if cancel_requested && (e.kind == KIND_CANCELLED || shutdown) {
                     self.finish(now, id, pb::TaskState::Cancelled, requested_cancel, eff);
                 } else {
                     let outcome = pb::Outcome {
