@@ -41,7 +41,8 @@ pub struct Config {
     /// means none (as in `taskctl` and `taskworker`), so an empty `TASKD_TOKEN` is like an
     /// unset one.
     pub token: Option<String>,
-    /// Worker threads to start in-process (wired by `main`, not by [`crate::run`]). Defaults to 0.
+    /// Exec slots of the worker `taskd --local-workers` runs in-process (started by the
+    /// binary's `main`, not by [`crate::run`]). Defaults to 0.
     pub local_workers: u32,
     /// sled page cache size in bytes. Defaults to 32 MiB: the broker reads the store only at
     /// start, the cache serves writes, and with 1M queued tasks 64 MiB cost ~170 MB more RSS
