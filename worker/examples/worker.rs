@@ -36,7 +36,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .blocking_handler("checksum", |_ctx: TaskContext, payload: Vec<u8>| {
             // CPU-bound work runs on the blocking pool.
-            let sum = payload.iter().fold(0u32, |acc, b| acc.rotate_left(5) ^ u32::from(*b));
+            let sum = payload
+                .iter()
+                .fold(0u32, |acc, b| acc.rotate_left(5) ^ u32::from(*b));
             Ok::<_, TaskError>(sum.to_string())
         })
         .build()?;
