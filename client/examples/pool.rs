@@ -4,7 +4,7 @@
 //! The tasks are command-line (`exec`) tasks, so any stock worker runs them:
 //!
 //! ```text
-//! taskd &  taskworker &                     # (or taskd --local-workers 4, once it is wired)
+//! taskd --local-workers 4 &                 # or: taskd &  taskworker &
 //! TASKD_BROKER=127.0.0.1:50051 cargo run -p taskd-client --example pool
 //! ```
 

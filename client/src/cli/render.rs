@@ -136,6 +136,7 @@ pub(crate) fn task_json(task: &pb::Task) -> Value {
         "retry_of": task.retry_of,
         "retried_by": task.retried_by,
         "cancel_requested": task.cancel_requested,
+        "cancel_reason": task.cancel_reason,
         "outcome": outcome_json(task),
         "attempts": task.attempts.iter().map(|a| json!({
             "number": a.number,
@@ -193,10 +194,10 @@ pub(crate) fn task_human(task: &pb::Task) -> Vec<String> {
         format!(
             "state:       {}{}",
             state_name(task.state()),
-            if task.cancel_requested {
-                " (cancel requested)"
-            } else {
-                ""
+            match (task.cancel_requested, task.cancel_reason.is_empty()) {
+                (true, true) => " (cancel requested)".to_string(),
+                (true, false) => format!(" (cancel requested: {})", task.cancel_reason),
+                _ => String::new(),
             }
         ),
         format!("attempt:     {} of {}", task.attempt, spec.max_attempts),
