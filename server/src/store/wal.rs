@@ -24,16 +24,22 @@
 //! The salt makes a frame valid only in its own segment, so record bytes that happen to look
 //! like a frame (a task payload can hold anything) never pass for one.
 //!
+//! Segments are zero-filled ahead of the frames, [`PREALLOC_BYTES`] at a time, and frames
+//! overwrite the zeros: an `fdatasync` after an overwrite has no file size or block allocation
+//! to commit to the filesystem's journal, so it is only the data write and the cache flush
+//! (an append would wait for a journal commit every time). Zeros after the last frame are the
+//! normal end of a segment.
+//!
 //! # Recovery rules
 //! A group is acknowledged only after its whole frame was written (and synced), so only the
 //! final frame of the final segment can be torn by a crash: a frame that is cut short or fails
 //! its CRC there, with nothing valid after it, ends the log and is dropped (it was never
-//! acknowledged). A bad frame with a valid frame after it, or a bad frame in any earlier
+//! acknowledged). Only zeros after the last frame are the clean end of any segment. A bad frame with a valid frame after it, or a bad frame in any earlier
 //! segment, is real corruption of acknowledged data: [`replay`] refuses with
 //! [`WalError::Corrupt`] rather than silently losing it.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -45,6 +51,8 @@ use super::WriteOp;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"taskdWL1";
 /// Bytes of a segment's header: the magic and the salt.
 pub const SEGMENT_HEADER: usize = 16;
+/// How far ahead of the frames a segment is zero-filled.
+pub const PREALLOC_BYTES: u64 = 1 << 20;
 const FRAME_MAGIC: [u8; 4] = *b"tWf1";
 const FRAME_HEADER: usize = 12;
 const TAG_SUBMIT: u8 = 0;
@@ -184,7 +192,8 @@ fn valid_frame_after(bytes: &[u8], from: usize, salt: u64) -> bool {
 pub struct SegmentScan {
     /// Valid frames read.
     pub frames: usize,
-    /// Bytes of a torn final write dropped at the end (only in the last segment).
+    /// Bytes of a torn final write dropped at the end (only in the last segment; the zeros
+    /// after it not counted).
     pub torn_bytes: usize,
 }
 
@@ -227,6 +236,7 @@ pub fn scan_segment(
                 frames += 1;
                 pos = next;
             }
+            Err(_) if bytes[pos..].iter().all(|&b| b == 0) => break,
             Err(reason) => {
                 if !last {
                     return Err(corrupt(pos, reason));
@@ -234,9 +244,10 @@ pub fn scan_segment(
                 if valid_frame_after(bytes, pos + 1, salt) {
                     return Err(corrupt(pos, format!("{reason}, and valid frames follow")));
                 }
+                let data_end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
                 return Ok(SegmentScan {
                     frames,
-                    torn_bytes: bytes.len() - pos,
+                    torn_bytes: data_end - pos,
                 });
             }
         }
@@ -339,49 +350,75 @@ pub struct WalWriter {
     file: File,
     seq: u64,
     salt: u64,
+    /// Where the next frame goes.
     len: u64,
+    /// The file's size: zeros from `len` up to it.
+    allocated: u64,
     created: Instant,
     sync_dir: bool,
     buf: Vec<u8>,
 }
 
 impl WalWriter {
-    /// Creates segment `seq` in `dir` (which must not hold it yet) and writes its header;
-    /// with `sync_dir` the header and the directory entry are synced before it returns, so
-    /// frames synced later in it are found after a power loss.
+    /// Creates segment `seq` in `dir` (which must not hold it yet), writes its header and
+    /// zero-fills it ahead; with `sync_dir` all that and the directory entry are synced before
+    /// it returns, so frames synced later in it are found after a power loss.
     pub fn create(dir: &Path, seq: u64, sync_dir: bool) -> std::io::Result<WalWriter> {
         let path = segment_path(dir, seq);
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create_new(true)
-            .append(true)
+            .write(true)
             .open(&path)?;
         let salt = rand::random::<u64>();
         let mut header = [0u8; SEGMENT_HEADER];
         header[..8].copy_from_slice(&SEGMENT_MAGIC);
         header[8..].copy_from_slice(&salt.to_le_bytes());
-        file.write_all(&header)?;
-        if sync_dir {
-            file.sync_data()?;
-            self::sync_dir(dir)?;
-        }
-        Ok(WalWriter {
+        file.write_all_at(&header, 0)?;
+        let mut w = WalWriter {
             dir: dir.to_path_buf(),
             file,
             seq,
             salt,
             len: SEGMENT_HEADER as u64,
+            allocated: SEGMENT_HEADER as u64,
             created: Instant::now(),
             sync_dir,
             buf: Vec::new(),
-        })
+        };
+        w.zero_fill(PREALLOC_BYTES)?;
+        if sync_dir {
+            w.file.sync_data()?;
+            self::sync_dir(dir)?;
+        }
+        Ok(w)
     }
 
-    /// Appends one frame holding `ops` with a single write (not synced: see [`Self::sync`]).
+    /// Zero-fills the file up to at least `upto` bytes, in whole [`PREALLOC_BYTES`] steps.
+    fn zero_fill(&mut self, upto: u64) -> std::io::Result<()> {
+        if upto <= self.allocated {
+            return Ok(());
+        }
+        let target = upto.div_ceil(PREALLOC_BYTES) * PREALLOC_BYTES;
+        let zeros = vec![0u8; (target - self.allocated).min(PREALLOC_BYTES) as usize];
+        while self.allocated < target {
+            let n = (target - self.allocated).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], self.allocated)?;
+            self.allocated += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes one frame holding `ops` with a single write over the zeros (not synced: see
+    /// [`Self::sync`]); zero-fills further ahead first when the frame would not fit.
     pub fn append(&mut self, ops: &[WriteOp]) -> std::io::Result<()> {
         self.buf.clear();
         encode_frame(self.salt, ops, &mut self.buf);
-        self.file.write_all(&self.buf)?;
-        self.len += self.buf.len() as u64;
+        let end = self.len + self.buf.len() as u64;
+        if end > self.allocated {
+            self.zero_fill(end + PREALLOC_BYTES)?;
+        }
+        self.file.write_all_at(&self.buf, self.len)?;
+        self.len = end;
         // Do not keep a huge group's buffer around.
         if self.buf.capacity() > 4 << 20 {
             self.buf = Vec::new();
@@ -399,7 +436,7 @@ impl WalWriter {
         self.seq
     }
 
-    /// Bytes in the current segment, header included.
+    /// Bytes of the current segment's header and frames (the zeros after them not counted).
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -502,8 +539,14 @@ mod tests {
         let ends = write_groups(dir.path(), 4);
         let path = segment_path(dir.path(), 1);
         let full = std::fs::read(&path).unwrap();
+        assert_eq!(full.len() as u64, PREALLOC_BYTES);
+        assert!(
+            full[*ends.last().unwrap() as usize..]
+                .iter()
+                .all(|&b| b == 0)
+        );
         // Cut the file at every byte offset: the frames that end at or before the cut survive.
-        for cut in 0..=full.len() {
+        for cut in 0..=*ends.last().unwrap() as usize + 3 {
             std::fs::write(&path, &full[..cut]).unwrap();
             let (r, got) = read_all(dir.path()).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
             let complete = ends.iter().filter(|&&e| e as usize <= cut).count() as u8;
@@ -516,8 +559,43 @@ mod tests {
             } else {
                 ends[complete as usize - 1] as usize
             };
-            assert_eq!(r.torn_bytes, cut - kept, "cut at {cut}");
+            // Trailing zeros of a cut frame count as the clean zero end, not as torn bytes.
+            let data_end = full[..cut]
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(0, |i| i + 1);
+            let torn = if cut < SEGMENT_HEADER {
+                cut
+            } else {
+                data_end.max(kept) - kept
+            };
+            assert_eq!(r.torn_bytes, torn, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn zeros_after_the_frames_are_a_clean_end_in_every_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = WalWriter::create(dir.path(), 1, false).unwrap();
+        w.append(&ops(1)).unwrap();
+        // A frame bigger than the zero-filled space extends the file first.
+        let big = WriteOp::State {
+            id: Uuid::from_u128(77),
+            bytes: vec![7; PREALLOC_BYTES as usize + 100],
+        };
+        w.append(std::slice::from_ref(&big)).unwrap();
+        let len1 = std::fs::metadata(segment_path(dir.path(), 1))
+            .unwrap()
+            .len();
+        assert!(len1 > w.len() && len1 % PREALLOC_BYTES == 0);
+        w.rotate().unwrap();
+        w.append(&ops(2)).unwrap();
+        let (r, got) = read_all(dir.path()).unwrap();
+        let mut want = expected(1);
+        want.push(key(&big));
+        want.extend(ops(2).iter().map(key));
+        assert_eq!(got, want);
+        assert_eq!((r.frames, r.torn_bytes), (3, 0));
     }
 
     #[test]
