@@ -25,7 +25,7 @@ impl Backoff {
     /// The next delay; each call doubles the cap until `max`.
     pub(crate) fn next_delay(&mut self) -> Duration {
         let cap = self.current;
-        self.current = (self.current * 2).min(self.max);
+        self.current = self.current.saturating_mul(2).min(self.max);
         let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX).max(1);
         let ms = rand::rng().random_range(cap_ms / 2..=cap_ms);
         Duration::from_millis(ms)

@@ -14,6 +14,9 @@ use crate::builder::Config;
 /// Heartbeat interval used when the broker names none.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
+/// Longest heartbeat interval used, whatever the broker names.
+const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+
 /// An open `Work` stream whose hello was answered.
 #[derive(Debug)]
 pub(crate) struct Session {
@@ -99,9 +102,10 @@ async fn open_inner(config: &Config, hello: pb::Hello) -> Result<Box<Session>, C
         .ok_or(ConnectError::UnexpectedFirstMessage)?;
     let period = match reply.heartbeat_interval_ms {
         0 => DEFAULT_HEARTBEAT,
-        ms => Duration::from_millis(ms),
+        // Beating more often than asked is harmless; a huge interval must not overflow.
+        ms => Duration::from_millis(ms).min(MAX_HEARTBEAT),
     };
-    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut heartbeat = tokio::time::interval_at(crate::time::after(period), period);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     Ok(Box::new(Session {
         tx,

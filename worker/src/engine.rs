@@ -22,6 +22,7 @@ use crate::connection::{self, ConnectError, Session};
 use crate::context::{AttemptInfo, CancelReason, Control};
 use crate::error::{KIND_INTERNAL, KIND_NO_HANDLER, KIND_SHUTDOWN, RunError, TaskError};
 use crate::runner::{Event, RunSettings, Slot, spawn_attempt};
+use crate::time;
 
 /// Limits assumed until the broker's hello reply names its own (the contract's defaults).
 const DEFAULT_LIMIT_BYTES: usize = 4 * 1024 * 1024;
@@ -205,7 +206,7 @@ impl Engine {
             "shutdown: taking no new work, letting running attempts finish"
         );
         self.phase = Phase::Draining {
-            until: Instant::now() + self.config.shutdown_grace,
+            until: time::after(self.config.shutdown_grace),
         };
         // Unfilled credits are withdrawn locally; assignments that still arrive for them are
         // handed back at once (see `on_assignment`).
@@ -226,7 +227,11 @@ impl Engine {
                     running.info.control.stop(CancelReason::Shutdown);
                 }
                 self.phase = Phase::Finishing {
-                    until: Instant::now() + self.config.cancel_grace + self.config.ack_timeout,
+                    until: time::after(
+                        self.config
+                            .cancel_grace
+                            .saturating_add(self.config.ack_timeout),
+                    ),
                 };
             }
             Phase::Finishing { .. } => {
@@ -244,7 +249,7 @@ impl Engine {
             Phase::Draining { .. } => {
                 if self.running.is_empty() {
                     self.phase = Phase::Finishing {
-                        until: Instant::now() + self.config.ack_timeout,
+                        until: time::after(self.config.ack_timeout),
                     };
                     return self.unacked.is_empty();
                 }
@@ -447,7 +452,7 @@ impl Engine {
         let delay = self.backoff.next_delay();
         warn!(error = %why, retry_in = ?delay, running = self.running.len(), "broker connection lost");
         self.conn = Conn::Down {
-            retry_at: Instant::now() + delay,
+            retry_at: time::after(delay),
         };
         // Everything in the outbox is in `unacked` and is resent after the next hello.
         self.outbox.clear();

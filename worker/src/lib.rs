@@ -22,6 +22,7 @@ mod error;
 pub mod exec;
 mod handler;
 mod runner;
+mod time;
 mod worker;
 
 pub use builder::{MAX_WORKERS_LIMIT, WorkerBuilder, default_slots};
