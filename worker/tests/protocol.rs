@@ -28,6 +28,8 @@ struct Probe {
     release: Notify,
     /// Runs of the "slow" handler.
     slow_runs: AtomicUsize,
+    /// Runs of the "wait" handler.
+    wait_runs: AtomicUsize,
     /// Why "wait" handlers were stopped.
     reasons: Mutex<Vec<Option<CancelReason>>>,
 }
@@ -69,6 +71,7 @@ fn builder(url: &str, probe: &Arc<Probe>) -> WorkerBuilder {
         .handler("wait", move |ctx, _p| {
             let probe = Arc::clone(&wait);
             async move {
+                probe.wait_runs.fetch_add(1, Ordering::SeqCst);
                 ctx.cancelled().await;
                 probe.reasons.lock().unwrap().push(ctx.cancel_reason());
                 Err::<(), _>(TaskError::retryable("stopped"))
@@ -443,7 +446,14 @@ async fn shutdown_grace_over_stops_and_hands_back_running_work() {
     let (run, shutdown) = start(worker);
     let (mut conn, _) = connect(&mut broker).await;
     assign(&conn, vec![assignment(ID_A, 1, "wait", b"")]);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The handler must be running when the shutdown starts (else it is handed back unstarted).
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while probe.wait_runs.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
     shutdown.cancel();
     let (outcomes, _) = conn.outcomes(1).await;
     let e = failure(by_id(&outcomes, ID_A));
