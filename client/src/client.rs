@@ -34,6 +34,9 @@ const SUBMIT_CHUNK_TASKS: usize = 5_000;
 /// Largest message the client accepts from the broker.
 const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
 
+/// The longest long-poll the broker accepts (`GetTaskRequest.wait_ms`: at most 5 minutes).
+const MAX_LONG_POLL: Duration = Duration::from_secs(5 * 60);
+
 /// Adds `authorization: Bearer <token>` to every call when a token is configured.
 #[derive(Clone, Debug)]
 pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
@@ -176,7 +179,7 @@ impl Client {
             Duration::from_secs(2),
             Some(opts.retry_budget),
         );
-        let bound = opts.request_timeout + extra;
+        let bound = opts.request_timeout.saturating_add(extra);
         loop {
             self.inner.calls.fetch_add(1, Ordering::Relaxed);
             let status = match tokio::time::timeout(bound, f(self.inner.rpc.clone())).await {
@@ -261,7 +264,9 @@ impl Client {
     }
 
     /// The task with this id, waiting (long-poll) at most `wait` for it to become terminal.
+    /// The broker allows at most 5 minutes per call, so a longer `wait` is cut to that.
     pub async fn get_wait(&self, id: Uuid, wait: Duration) -> Result<pb::Task> {
+        let wait = wait.min(MAX_LONG_POLL);
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let request = pb::GetTaskRequest {
             id: id.to_string(),

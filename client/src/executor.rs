@@ -114,7 +114,8 @@ impl Executor {
     where
         I: IntoIterator<Item = Task>,
     {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout beyond what an `Instant` can hold is none (`Instant + Duration` would panic).
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let futures = self.submit_many(tasks).await?;
         Ok(futures::stream::iter(futures)
             .then(move |f| async move {

@@ -54,14 +54,15 @@ impl Backoff {
             initial,
             max,
             next: initial,
-            deadline: budget.map(|b| Instant::now() + b),
+            // A budget too large for an `Instant` is no budget.
+            deadline: budget.and_then(|b| Instant::now().checked_add(b)),
         }
     }
 
     /// The delay before the next try, or `None` when the budget is spent.
     pub(crate) fn next_delay(&mut self) -> Option<Duration> {
         let base = self.next;
-        self.next = (self.next * 2).min(self.max);
+        self.next = self.next.saturating_mul(2).min(self.max);
         // Jitter in [base/2, base]: spreads reconnects of many clients after a restart.
         let half = base / 2;
         let jitter = rand::rng().random_range(0..=half.as_millis().max(1) as u64);

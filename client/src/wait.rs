@@ -32,7 +32,8 @@ pub fn as_completed<I>(
 where
     I: IntoIterator<Item = TaskFuture>,
 {
-    let deadline = timeout.map(|t| (Instant::now() + t, t));
+    // A timeout beyond what an `Instant` can hold is none (`Instant + Duration` would panic).
+    let deadline = timeout.and_then(|t| Some((Instant::now().checked_add(t)?, t)));
     let pending: FuturesUnordered<_> = futures
         .into_iter()
         .map(|f| async move {

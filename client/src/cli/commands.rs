@@ -310,7 +310,8 @@ async fn map(conn: &Connector, json: bool, a: MapArgs) -> Result<u8, CliError> {
         .collect();
     let client = &conn.client().await?;
     let jobs = a.jobs as usize;
-    let deadline = a.wait_timeout.map(|t| Instant::now() + t);
+    // A timeout beyond what an `Instant` can hold (`--wait-timeout 1000000000y`) is none.
+    let deadline = a.wait_timeout.and_then(|t| Instant::now().checked_add(t));
     let mut in_flight = FuturesUnordered::new();
     let mut next = 0usize;
     let mut failed = 0usize;
@@ -599,7 +600,8 @@ async fn watch(conn: &Connector, json: bool, a: WatchArgs) -> Result<u8, CliErro
         (n, _) => format!("{n} task(s) and queue(s) {}", a.queue.join(", ")),
     };
     eprintln!("taskctl: watching {what}");
-    let deadline = a.wait_timeout.map(|t| Instant::now() + t);
+    // A timeout beyond what an `Instant` can hold (`--wait-timeout 1000000000y`) is none.
+    let deadline = a.wait_timeout.and_then(|t| Instant::now().checked_add(t));
     let mut seen = 0u64;
     let mut code = exit::OK;
     loop {
