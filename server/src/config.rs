@@ -81,6 +81,10 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+/// Longest configurable duration (365 days, as for a task's own delays and TTL): larger ones
+/// would overflow the broker's clock arithmetic (`Instant + Duration` panics).
+pub const MAX_CONFIGURABLE_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Largest payload or result the broker can be configured to accept (64 MiB).
 pub const MAX_CONFIGURABLE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -93,6 +97,18 @@ impl Config {
             setting,
             reason: reason.to_string(),
         };
+        for (name, v) in [
+            ("--lease", self.lease),
+            ("--heartbeat", self.heartbeat),
+            ("--grace", self.grace),
+            ("--backoff-initial", self.backoff_initial),
+            ("--backoff-max", self.backoff_max),
+            ("--result-ttl", self.result_ttl),
+        ] {
+            if v > MAX_CONFIGURABLE_DURATION {
+                return Err(err(name, "must be at most 365d"));
+            }
+        }
         if self.lease < Duration::from_millis(100) {
             return Err(err("--lease", "must be at least 100ms"));
         }
@@ -154,6 +170,24 @@ mod tests {
             with_token(Some("s3cret")).unwrap().token.as_deref(),
             Some("s3cret")
         );
+    }
+
+    #[test]
+    fn durations_beyond_a_year_are_refused() {
+        let e = Config {
+            grace: Duration::MAX,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.setting, "--grace");
+        let e = Config {
+            backoff_max: MAX_CONFIGURABLE_DURATION + Duration::from_secs(1),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.setting, "--backoff-max");
     }
 
     #[test]

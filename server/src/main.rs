@@ -322,10 +322,12 @@ impl LocalWorkers {
             worker: Mutex::new(Some(worker)),
             running: Mutex::new(None),
             stop: CancellationToken::new(),
-            stop_timeout: args.local_grace
-                + LOCAL_CANCEL_GRACE
-                + LOCAL_ACK_TIMEOUT
-                + Duration::from_secs(2),
+            // Saturating: `--local-grace` may be huge (humantime accepts "500000000000y").
+            stop_timeout: args
+                .local_grace
+                .saturating_add(LOCAL_CANCEL_GRACE)
+                .saturating_add(LOCAL_ACK_TIMEOUT)
+                .saturating_add(Duration::from_secs(2)),
         })))
     }
 
