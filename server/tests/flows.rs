@@ -110,16 +110,18 @@ async fn lease_expiry_redelivers_and_the_stale_outcome_is_rejected() {
 #[tokio::test]
 async fn heartbeats_keep_a_lease() {
     let server = Server::start(|c| {
-        c.lease = Duration::from_millis(300);
-        c.heartbeat = Duration::from_millis(100);
+        // Heartbeats every 150 ms over 2.25 s keep a 1 s lease: the test outlives the lease
+        // twice over, and a loaded machine may delay a beat by ~850 ms before it matters.
+        c.lease = Duration::from_secs(1);
+        c.heartbeat = Duration::from_millis(150);
     })
     .await;
     let mut c = server.client().await;
     let id = submit(&mut c, vec![spec("hb", "1")]).await.remove(0);
     let mut w = RawWorker::connect(&server.url(), hello("w", &["hb"], 1)).await;
     w.assignments(1).await;
-    for _ in 0..8 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
         w.send(pb::WorkerMessage {
             heartbeat: Some(pb::Heartbeat {
                 running: vec![pb::LeaseRef::new(id.clone(), 1)],
@@ -463,13 +465,21 @@ async fn watch_never_misses_a_completion() {
     }
     worker.await.unwrap();
     // Queue watch: a completion in the queue after subscribing is reported.
+    // The unknown id in the same request is answered after the queue is added: once its
+    // reply is here, the subscription is in place (no sleep that a loaded machine outruns).
     wtx.send(pb::WatchRequest {
         add_queues: vec!["qw".into()],
+        add_ids: vec!["barrier".into()],
         ..Default::default()
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let m = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.unknown_ids, ["barrier"]);
     let mut s = spec("w", "x");
     s.queue = "qw".into();
     let id = submit(&mut c, vec![s]).await.remove(0);
