@@ -14,7 +14,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// Runs command-line tasks (`taskctl exec ...`) from a taskd broker.
 #[derive(Debug, Parser)]
-#[command(name = "taskworker", version)]
+#[command(
+    name = "taskworker",
+    version,
+    after_help = "Logs go to stderr. Their filter is read from TASKWORKER_LOG, else RUST_LOG \
+                  (tracing EnvFilter syntax, e.g. \"info,taskd_worker=debug\"), else \"info\"."
+)]
 struct Args {
     /// The broker's URL (or host:port).
     #[arg(long, env = "TASKD_BROKER", default_value = "http://127.0.0.1:50051")]
@@ -85,7 +90,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
-            eprintln!("taskworker: {error:#}");
+            eprintln!("taskworker: error: {error:#}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -132,9 +137,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets up logs on stderr. The filter is `TASKWORKER_LOG`, else `RUST_LOG` (the first set and
+/// not empty), else `info`, as `taskd` does with `TASKD_LOG`; an invalid one is reported, not
+/// silently replaced.
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (var, directives) = ["TASKWORKER_LOG", "RUST_LOG"]
+        .into_iter()
+        .find_map(|var| {
+            let v = std::env::var(var).ok()?;
+            (!v.trim().is_empty()).then_some((var, v))
+        })
+        .unwrap_or(("the log filter", "info".to_string()));
+    let filter = match tracing_subscriber::EnvFilter::try_new(&directives) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("taskworker: warning: ignoring {var}={directives:?} ({e}); logging at info");
+            tracing_subscriber::EnvFilter::new("info")
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
