@@ -199,13 +199,18 @@ impl Taskd {
         })
     }
 
+    /// Where taskd writes its bound address: beside the data dir.
+    fn addr_file(data_dir: &Path) -> PathBuf {
+        data_dir.with_extension("addr")
+    }
+
     async fn spawn(
         data_dir: &Path,
         listen: &str,
         extra_args: &[String],
         wrapper: &[String],
     ) -> Result<(Child, SocketAddr)> {
-        let addr_file = data_dir.with_extension("addr");
+        let addr_file = Self::addr_file(data_dir);
         let _ = std::fs::remove_file(&addr_file);
         let mut args: Vec<String> = vec![
             "--listen".into(),
@@ -312,5 +317,8 @@ impl Taskd {
 impl Drop for Taskd {
     fn drop(&mut self) {
         self.kill();
+        // The addr file sits next to the data dir (not in it, which is taskd's), so the
+        // TempDir does not remove it.
+        let _ = std::fs::remove_file(Self::addr_file(self.data_dir.path()));
     }
 }
