@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,15 +32,22 @@ pub const APPLY_WINDOW: Duration = Duration::from_millis(20);
 /// Most records held in the map before it is written, whatever the window.
 pub const MAX_PENDING: usize = 65_536;
 /// Most groups queued for the applier; the writer waits when it is this far behind.
-const QUEUE_GROUPS: usize = 256;
+const QUEUE_GROUPS: usize = 64;
 
 /// Where logged records end up (sled in production).
 pub trait Backend: Send + Sync + 'static {
     /// Writes `records` in order: a put, or a delete for `None`. Need not be durable.
-    fn write(&self, records: &[(RecordKey, Option<Vec<u8>>)]) -> Result<(), StoreError>;
+    fn write(&self, records: &[Record]) -> Result<(), StoreError>;
     /// Makes everything written so far durable.
     fn make_durable(&self) -> Result<(), StoreError>;
 }
+
+/// One record for the backend: a put, or a delete for `None`.
+pub type Record = (RecordKey, Option<Vec<u8>>);
+
+/// Records replayed from the log at open, sorted by key, until they are written to the backend
+/// (then `None`). The store reads them over the backend's records.
+pub type Replayed = Arc<Mutex<Option<Arc<Vec<Record>>>>>;
 
 /// Records waiting for the backend, by key; a later op of a key replaces an earlier one.
 #[derive(Debug, Default)]
@@ -73,14 +80,19 @@ impl Pending {
         self.0.is_empty()
     }
 
+    /// Empties the map into a list sorted by key.
+    pub fn take_sorted(&mut self) -> Vec<Record> {
+        let mut records: Vec<_> = self.0.drain().collect();
+        records.sort_unstable_by_key(|r| r.0);
+        records
+    }
+
     /// Writes every record to `backend` in key order and empties the map (also on failure).
     pub fn write_to(&mut self, backend: &dyn Backend) -> Result<(), StoreError> {
         if self.0.is_empty() {
             return Ok(());
         }
-        let mut records: Vec<_> = self.0.drain().collect();
-        records.sort_unstable_by_key(|r| r.0);
-        backend.write(&records)
+        backend.write(&self.take_sorted())
     }
 }
 
@@ -92,6 +104,10 @@ pub fn checkpoint(backend: &dyn Backend, wal_dir: &Path, upto: u64) -> Result<us
 }
 
 enum Msg {
+    Replayed {
+        slot: Replayed,
+        upto: u64,
+    },
     Ops(Vec<WriteOp>),
     Seal(u64),
     Stop {
@@ -171,6 +187,13 @@ impl Applier {
         }
     }
 
+    /// Hands over the records replayed at open (in `slot`), from log segments up to `upto`:
+    /// they are written before anything else, `slot` is emptied, and the segments are
+    /// checkpointed.
+    pub fn replayed(&self, slot: Replayed, upto: u64) -> Result<(), StoreError> {
+        self.send(Msg::Replayed { slot, upto })
+    }
+
     /// Hands over the ops of a durable group (waits while the applier is far behind).
     pub fn apply(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
         if ops.is_empty() {
@@ -236,6 +259,21 @@ fn apply_loop(
             Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
         };
         match msg {
+            Ok(Msg::Replayed { slot, upto }) => {
+                write(&mut pending);
+                let records = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(records) = records {
+                    let started = Instant::now();
+                    match backend.write(&records) {
+                        Ok(()) => {
+                            *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                            tracing::info!(records = records.len(), took = ?started.elapsed(), "replayed log records written to sled");
+                            let _ = ckpt.send(Ckpt::Upto(upto));
+                        }
+                        Err(e) => fail(failed, "writing replayed log records to sled", &e),
+                    }
+                }
+            }
             Ok(Msg::Ops(ops)) => {
                 for op in ops {
                     pending.add(op);
@@ -314,8 +352,6 @@ fn checkpoint_loop(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use uuid::Uuid;
 
     use super::*;
@@ -325,14 +361,14 @@ mod tests {
     /// made durable.
     #[derive(Default)]
     struct Recorder {
-        written: Mutex<Vec<(RecordKey, Option<Vec<u8>>)>>,
+        written: Mutex<Vec<Record>>,
         durable_calls: Mutex<Vec<usize>>,
         fail_durable: bool,
         wal_dir: PathBuf,
     }
 
     impl Backend for Recorder {
-        fn write(&self, records: &[(RecordKey, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        fn write(&self, records: &[Record]) -> Result<(), StoreError> {
             self.written.lock().unwrap().extend(records.iter().cloned());
             Ok(())
         }

@@ -195,6 +195,9 @@ pub struct SegmentScan {
     /// Bytes of a torn final write dropped at the end (only in the last segment; the zeros
     /// after it not counted).
     pub torn_bytes: usize,
+    /// Where the valid frames end (the header's end when there are none; 0 when even the
+    /// header is cut short).
+    pub valid_end: usize,
 }
 
 /// Reads the frames of one segment's `bytes` in order, handing every op to `each`.
@@ -217,6 +220,7 @@ pub fn scan_segment(
             return Ok(SegmentScan {
                 frames: 0,
                 torn_bytes: bytes.len(),
+                valid_end: 0,
             });
         }
         return Err(corrupt(0, "segment header cut short".into()));
@@ -248,6 +252,7 @@ pub fn scan_segment(
                 return Ok(SegmentScan {
                     frames,
                     torn_bytes: data_end - pos,
+                    valid_end: pos,
                 });
             }
         }
@@ -255,6 +260,7 @@ pub fn scan_segment(
     Ok(SegmentScan {
         frames,
         torn_bytes: 0,
+        valid_end: pos.min(bytes.len()),
     })
 }
 
@@ -296,6 +302,10 @@ pub struct Replayed {
     pub ops: usize,
     /// Bytes of a torn final write dropped.
     pub torn_bytes: usize,
+    /// When the last segment ends in a torn write: that segment and where its valid frames
+    /// end. [`cut_torn_tail`] removes the torn bytes, so the segment stays readable once
+    /// others follow it.
+    pub torn_at: Option<(PathBuf, u64)>,
 }
 
 /// Reads every segment in `dir` in order and hands each op to `each`, under the recovery rules
@@ -314,12 +324,37 @@ pub fn replay(dir: &Path, each: &mut dyn FnMut(WriteOp)) -> Result<Replayed, Wal
             ops += 1;
             each(op)
         })?;
+        if scan.torn_bytes > 0 {
+            out.torn_at = Some((path.clone(), scan.valid_end as u64));
+        }
         out.segments.push(seq);
         out.frames += scan.frames;
         out.ops += ops;
         out.torn_bytes += scan.torn_bytes;
     }
     Ok(out)
+}
+
+/// Removes a torn final write found by [`replay`] (`torn_at`): truncates the segment after its
+/// valid frames, or deletes it when not even its header is whole; with `sync` durably.
+pub fn cut_torn_tail(path: &Path, valid_end: u64, sync: bool) -> Result<(), WalError> {
+    let io = |source| WalError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if valid_end < SEGMENT_HEADER as u64 {
+        std::fs::remove_file(path).map_err(io)?;
+        if let (true, Some(dir)) = (sync, path.parent()) {
+            sync_dir(dir).map_err(io)?;
+        }
+        return Ok(());
+    }
+    let f = OpenOptions::new().write(true).open(path).map_err(io)?;
+    f.set_len(valid_end).map_err(io)?;
+    if sync {
+        f.sync_data().map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Deletes every segment numbered `upto` or lower; returns how many were deleted.
@@ -596,6 +631,35 @@ mod tests {
         want.extend(ops(2).iter().map(key));
         assert_eq!(got, want);
         assert_eq!((r.frames, r.torn_bytes), (3, 0));
+    }
+
+    #[test]
+    fn a_cut_torn_tail_reads_cleanly_with_a_segment_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ends = write_groups(dir.path(), 3);
+        let path = segment_path(dir.path(), 1);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..ends[2] as usize - 5]).unwrap();
+        let (r, _) = read_all(dir.path()).unwrap();
+        let (torn, valid_end) = r.torn_at.clone().unwrap();
+        assert_eq!((torn.clone(), valid_end), (path.clone(), ends[1]));
+        // Without the cut, a later segment makes the torn write look like corruption ...
+        let mut w = WalWriter::create(dir.path(), 2, false).unwrap();
+        w.append(&ops(9)).unwrap();
+        assert!(read_all(dir.path()).is_err());
+        // ... with it, the log reads cleanly.
+        cut_torn_tail(&torn, valid_end, true).unwrap();
+        let (r, got) = read_all(dir.path()).unwrap();
+        let mut want = expected(2);
+        want.extend(ops(9).iter().map(key));
+        assert_eq!(got, want);
+        assert_eq!((r.torn_bytes, r.torn_at), (0, None));
+        // A segment whose header was cut short is deleted.
+        std::fs::write(segment_path(dir.path(), 3), b"taskd").unwrap();
+        let (r, _) = read_all(dir.path()).unwrap();
+        let (torn, valid_end) = r.torn_at.unwrap();
+        cut_torn_tail(&torn, valid_end, false).unwrap();
+        assert_eq!(segments(dir.path()).unwrap().len(), 2);
     }
 
     #[test]
