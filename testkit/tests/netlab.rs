@@ -7,8 +7,12 @@
 
 use std::net::TcpListener;
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use taskd_testkit::netns::{self, NetLab};
+
+/// How long a link that is up may take to carry a connection, on a loaded machine.
+const UP_BOUND: Duration = Duration::from_secs(15);
 
 /// Whether `host` can open a TCP connection to `addr:port` (bash's /dev/tcp, 2 s bound).
 fn can_connect(host: &netns::Host, addr: &str, port: u16) -> bool {
@@ -22,6 +26,21 @@ fn can_connect(host: &netns::Host, addr: &str, port: u16) -> bool {
     .stdout(Stdio::null())
     .stderr(Stdio::null());
     cmd.status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// Whether `host` can connect within `bound`, trying again while it cannot: a link that was
+/// just set up (or restored) may take a moment to forward (carrier, bridge port state, ARP).
+fn connects_within(host: &netns::Host, addr: &str, port: u16, bound: Duration) -> bool {
+    let deadline = Instant::now() + bound;
+    loop {
+        if can_connect(host, addr, port) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -44,8 +63,8 @@ fn hosts_reach_the_lab_network_until_a_link_is_cut() {
         // The root namespace listens on its lab address; both hosts reach it over the bridge.
         let listener = TcpListener::bind((lab.root_addr().as_str(), 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
-        assert!(can_connect(&a, &lab.root_addr(), port));
-        assert!(can_connect(&b, &lab.root_addr(), port));
+        assert!(connects_within(&a, &lab.root_addr(), port, UP_BOUND));
+        assert!(connects_within(&b, &lab.root_addr(), port, UP_BOUND));
 
         lab.set_link(&a, false).unwrap();
         assert!(
@@ -54,7 +73,10 @@ fn hosts_reach_the_lab_network_until_a_link_is_cut() {
         );
         assert!(can_connect(&b, &lab.root_addr(), port), "b is not affected");
         lab.set_link(&a, true).unwrap();
-        assert!(can_connect(&a, &lab.root_addr(), port));
+        assert!(
+            connects_within(&a, &lab.root_addr(), port, UP_BOUND),
+            "a restored link reconnects a"
+        );
     }
     let list = std::process::Command::new("ip")
         .args(["netns", "list"])
