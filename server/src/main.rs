@@ -145,19 +145,33 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
+/// Installs the SIGINT and SIGTERM handlers now, and returns a future that resolves on the
+/// first of them. Installing them at once matters: the future is first polled only once the
+/// store is recovered, and a signal before the handlers exist kills the process outright.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    let install = |kind: SignalKind, name: &'static str| match signal(kind) {
+        Ok(s) => Some(s),
         Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+            tracing::error!(error = %e, "cannot listen for {name}");
+            None
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+    let int = install(SignalKind::interrupt(), "SIGINT");
+    let term = install(SignalKind::terminate(), "SIGTERM");
+    async fn recv(s: Option<Signal>) {
+        match s {
+            Some(mut s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    async move {
+        tokio::select! {
+            _ = recv(int) => tracing::info!("SIGINT received"),
+            _ = recv(term) => tracing::info!("SIGTERM received"),
+        }
     }
 }
 
@@ -234,8 +248,9 @@ async fn main() -> ExitCode {
     };
     let shutdown = {
         let local = local.clone();
+        let signalled = shutdown_signal();
         async move {
-            shutdown_signal().await;
+            signalled.await;
             // The local workers first, while the broker still serves: their running tasks
             // are handed back (and acknowledged) before the streams close.
             if let Some(local) = local {
