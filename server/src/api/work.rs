@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
@@ -19,6 +20,9 @@ use tonic::{Request, Response, Status, Streaming};
 use super::Api;
 use super::validate;
 use crate::core::{Broker, BrokerError, CloseReason, WorkerSink};
+
+/// How long a new Work stream may take to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The worker-facing service.
 #[derive(Clone)]
@@ -85,6 +89,13 @@ async fn session(
         m = inbound.message() => m,
         _ = api.shutdown.cancelled() => {
             let _ = tx.send(Err(Status::unavailable("taskd is shutting down")));
+            return;
+        }
+        // A stream that never says hello would hold this task until shutdown.
+        _ = tokio::time::sleep(HELLO_TIMEOUT) => {
+            let _ = tx.send(Err(Status::deadline_exceeded(format!(
+                "no hello within {HELLO_TIMEOUT:?} of opening the Work stream"
+            ))));
             return;
         }
     };
