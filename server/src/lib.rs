@@ -4,9 +4,10 @@
 //! - [`core`]: the task state machine, dispatch, leases, timers and watchers, in memory, with
 //!   no gRPC and no sled. One std mutex guards the state; critical sections are short and
 //!   never await.
-//! - [`store`]: durable records behind the narrow [`store::Store`] trait (sled today), and the
-//!   group [`store::committer::Committer`]: one writer thread, one write and one flush (plus
-//!   fdatasync with `--sync fsync`) per group, acknowledgements only after it.
+//! - [`store`]: durable records behind the narrow [`store::Store`] trait (sled behind a
+//!   write-ahead log today), and the group [`store::committer::Committer`]: one writer thread,
+//!   one log append (plus fdatasync with `--sync fsync`) per group, acknowledgements only
+//!   after it.
 //! - [`api`]: thin tonic services that validate input, call the core and map errors once.
 //! - [`server::run`]: wires them, serves health and reflection, shuts down gracefully.
 //!
@@ -16,8 +17,9 @@
 //! before the flush; it waits one group and is dropped when the outcome supersedes it first,
 //! so a quick task costs two writes), the outcome (awaited before the worker's ack and before
 //! any watcher or long-poll hears of it; the notification runs in a task of its own, so it
-//! happens even when the worker hangs up first). Groups are applied in one order, so a durable outcome implies a durable
-//! submit; that is why a task may be dispatched before its own submit is durable. Readers
+//! happens even when the worker hangs up first). Groups are applied in one order, so a
+//! durable outcome implies a durable submit; that is why a task may be dispatched before its
+//! own submit is durable. Readers
 //! (GetTask, ListTasks, Watch) wait until what they show is durable. A failed flush poisons
 //! the committer: no later write is acknowledged, health turns NOT_SERVING, and the broker
 //! must be restarted.
