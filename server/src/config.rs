@@ -6,9 +6,11 @@ use std::time::Duration;
 /// How an acknowledged write is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
-    /// sled flush, then `fdatasync` of the data file: survives power loss. The default.
+    /// Each group is written to the write-ahead log, then `fdatasync`ed: survives power loss.
+    /// The default.
     Fsync,
-    /// sled flush only: survives a process crash, not a power cut.
+    /// Each group is written to the write-ahead log (the OS's page cache) and not synced:
+    /// survives a process crash, not a power cut.
     Flush,
 }
 
