@@ -167,8 +167,13 @@ impl Engine {
                 wake = self.conn.next() => Wake::Conn(wake),
                 _ = sleep_until_opt(deadline) => Wake::Deadline,
             };
+            // A shutdown wins over whatever else woke us at the same time: an assignment
+            // handled after the token fired is handed back, never started.
+            if self.phase == Phase::Serving && self.shutdown.is_cancelled() {
+                self.begin_shutdown();
+            }
             match wake {
-                Wake::Shutdown => self.begin_shutdown(),
+                Wake::Shutdown => {} // begun just above
                 Wake::Event(event) => {
                     self.on_event(event);
                     for _ in 0..EVENT_BATCH {

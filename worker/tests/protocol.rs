@@ -413,8 +413,7 @@ async fn graceful_shutdown_finishes_running_work_and_hands_back_the_rest() {
     .await
     .unwrap();
     shutdown.cancel();
-    // An assignment that arrives while draining is handed back unstarted.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // An assignment that arrives once shutdown began is handed back unstarted.
     assign(&conn, vec![assignment(ID_B, 2, "echo", b"")]);
     let (outcomes, credits) = conn.outcomes(1).await;
     let e = failure(by_id(&outcomes, ID_B));
