@@ -24,6 +24,14 @@
 //! the committer: no later write is acknowledged, health turns NOT_SERVING, and the broker
 //! must be restarted.
 //!
+//! # Memory of finished tasks
+//! Once a task is terminal, its outcome durable and its watchers and long-polls notified, the
+//! core drops its payload, success output and failure details from memory (also for terminal
+//! tasks recovered at start); everything else stays. GetTask, ListTasks, Watch events of ids
+//! added later and Retry read those bytes back with [`store::Store::get`], outside the state
+//! lock; the sled store finds a record acknowledged but not yet written to sled in its
+//! unapplied records ([`store::checkpoint::Unapplied`]).
+//!
 //! # Slow readers
 //! Worker streams are unbounded but never hold more than the worker's credits of assignments.
 //! A watcher gets a bounded buffer (4096 messages); one that falls that far behind is dropped

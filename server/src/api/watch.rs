@@ -85,7 +85,7 @@ pub fn open(
                 Ok(None) | Err(_) => break,
             };
             match parse(req) {
-                Ok(change) => broker.watch_change(wid, change),
+                Ok(change) => broker.watch_change(wid, change).await,
                 Err(status) => {
                     set_slot(&reader_slot, status);
                     break;

@@ -45,6 +45,9 @@ impl From<OpError> for BrokerError {
         match e {
             OpError::NotFound(id) => BrokerError::NotFound(id),
             OpError::Precondition(m) => BrokerError::Precondition(m),
+            OpError::NeedsRecord(id) => BrokerError::Store(StoreError::Unavailable(format!(
+                "task {id} needs its stored record"
+            ))),
         }
     }
 }
@@ -213,6 +216,12 @@ impl Broker {
         let now = Now::now();
         let mut st = self.lock();
         st.notify_completed(completed);
+        // Durable and announced: the store has the large bytes, memory need not.
+        for id in completed {
+            if let Some(t) = st.tasks.get_mut(id) {
+                t.evict();
+            }
+        }
         let mut eff = Effects::default();
         st.dispatch(now, &mut eff);
         if st.timer_dirty {
@@ -274,37 +283,44 @@ impl Broker {
     pub async fn get(&self, id: Uuid, wait: Option<Duration>) -> Result<pb::Task, BrokerError> {
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
         loop {
-            let (task, seq, waiter) = {
+            let (task, seq, waiter, evicted) = {
                 let mut st = self.lock();
                 let t = st
                     .tasks
                     .get(&id)
                     .ok_or_else(|| BrokerError::NotFound(id.to_string()))?;
                 let terminal = t.state().is_terminal();
-                let (task, seq) = (t.to_pb(false), t.commit_seq);
+                let (task, seq, evicted) = (t.to_pb(false), t.commit_seq, t.evicted);
                 let waiter = match deadline {
                     Some(d) if !terminal && d > tokio::time::Instant::now() => {
                         Some(st.add_waiter(id))
                     }
                     _ => None,
                 };
-                (task, seq, waiter)
+                (task, seq, waiter, evicted)
             };
+            let (mut task, evicted) = (task, evicted);
             self.committer.wait_durable(seq).await?;
             let (Some(waiter), Some(deadline)) = (waiter, deadline) else {
+                if evicted {
+                    self.fill(&mut task, true).await?;
+                }
                 return Ok(task);
             };
             if tokio::time::timeout_at(deadline, waiter).await.is_err() {
                 // The wait ended: answer with the task as it is now.
-                let (task, seq) = {
+                let (mut task, seq, evicted) = {
                     let st = self.lock();
                     let t = st
                         .tasks
                         .get(&id)
                         .ok_or_else(|| BrokerError::NotFound(id.to_string()))?;
-                    (t.to_pb(false), t.commit_seq)
+                    (t.to_pb(false), t.commit_seq, t.evicted)
                 };
                 self.committer.wait_durable(seq).await?;
+                if evicted {
+                    self.fill(&mut task, true).await?;
+                }
                 return Ok(task);
             }
         }
@@ -332,16 +348,84 @@ impl Broker {
     /// Retries a FAILED or CANCELLED task as a new, linked task.
     pub async fn retry(&self, id: Uuid) -> Result<pb::Task, BrokerError> {
         self.check_open()?;
-        let now = Now::now();
-        let (task, ack) = {
-            let mut st = self.lock();
-            let mut eff = Effects::default();
-            let (task, _) = st.retry(now, id, Uuid::now_v7(), &mut eff)?;
-            let ack = self.push(&mut st, now, &mut eff, true);
-            (task, ack)
-        };
-        Self::await_commit(ack).await?;
-        Ok(task)
+        let mut stored = None;
+        loop {
+            let now = Now::now();
+            let attempt = {
+                let mut st = self.lock();
+                let mut eff = Effects::default();
+                match st.retry(now, id, Uuid::now_v7(), stored.as_ref(), &mut eff) {
+                    Ok((task, _)) => {
+                        // A repeated Retry returns the task made by the first, maybe finished
+                        // and evicted since.
+                        let evicted = task
+                            .id
+                            .parse::<Uuid>()
+                            .ok()
+                            .and_then(|n| st.tasks.get(&n))
+                            .is_some_and(|t| t.evicted);
+                        Ok((task, evicted, self.push(&mut st, now, &mut eff, true)))
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            match attempt {
+                Ok((mut task, evicted, ack)) => {
+                    Self::await_commit(ack).await?;
+                    if evicted {
+                        self.fill(&mut task, true).await?;
+                    }
+                    return Ok(task);
+                }
+                // Its payload and outcome are only in the store: read them (unlocked), again.
+                Err(OpError::NeedsRecord(_)) if stored.is_none() => {
+                    stored = Some(self.read_stored(id).await?);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Reads the stored record of terminal task `id` (outside the state lock, on a blocking
+    /// thread); `NotFound` when it is gone (swept meanwhile).
+    async fn read_stored(&self, id: Uuid) -> Result<StoredTask, BrokerError> {
+        let mut got = self.read_many(vec![id]).await?;
+        got.pop()
+            .flatten()
+            .ok_or_else(|| BrokerError::NotFound(id.to_string()))
+    }
+
+    /// Reads the stored records of terminal tasks `ids` on one blocking thread; `None` for
+    /// those gone (or not terminal in the store).
+    async fn read_many(&self, ids: Vec<Uuid>) -> Result<Vec<Option<StoredTask>>, BrokerError> {
+        let store = self.committer.store().clone();
+        let read = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .map(|id| {
+                    store
+                        .get(id)
+                        .map(|t| t.filter(|t| t.state.outcome.is_some()))
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+        });
+        match read.await {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(BrokerError::Store(StoreError::Unavailable(format!(
+                "reading the store: {e}"
+            )))),
+        }
+    }
+
+    /// Puts back what eviction dropped from `task` (an evicted terminal task as the core
+    /// shows it): its outcome and, with `payload`, its payload, read from the store.
+    async fn fill(&self, task: &mut pb::Task, payload: bool) -> Result<(), BrokerError> {
+        let id = task
+            .id
+            .parse::<Uuid>()
+            .map_err(|_| BrokerError::NotFound(task.id.clone()))?;
+        let stored = self.read_stored(id).await?;
+        restore(task, stored, payload);
+        Ok(())
     }
 
     /// A page of tasks (see [`State::list`]).
@@ -354,8 +438,28 @@ impl Broker {
     ) -> Result<pb::ListTasksResponse, BrokerError> {
         let page = self.lock().list(queue, state, limit, cursor);
         self.committer.wait_durable(page.commit_seq).await?;
+        let mut tasks = page.tasks;
+        if !page.evicted.is_empty() {
+            let ids = page
+                .evicted
+                .iter()
+                .map(|&i| tasks[i].id.parse::<Uuid>().unwrap_or_default())
+                .collect();
+            let stored = self.read_many(ids).await?;
+            let mut gone = Vec::new();
+            for (&i, s) in page.evicted.iter().zip(stored) {
+                match s {
+                    Some(s) => restore(&mut tasks[i], s, true),
+                    None => gone.push(i),
+                }
+            }
+            // Swept since the page was read: left out, as a page read a moment later would.
+            for i in gone.into_iter().rev() {
+                tasks.remove(i);
+            }
+        }
         Ok(pb::ListTasksResponse {
-            tasks: page.tasks,
+            tasks,
             next_cursor: page.next_cursor,
         })
     }
@@ -449,9 +553,37 @@ impl Broker {
         Ok(self.lock().watch_open(sink))
     }
 
-    /// Applies a watcher's change.
-    pub fn watch_change(&self, wid: WatchId, change: WatchChange) {
-        self.lock().watch_change(wid, change);
+    /// Applies a watcher's change; events of added tasks whose bytes were evicted follow once
+    /// read from the store (a watcher whose reads fail is dropped; it re-adds its ids).
+    pub async fn watch_change(&self, wid: WatchId, change: WatchChange) {
+        let mut evicted = self.lock().watch_change(wid, change);
+        if evicted.is_empty() {
+            return;
+        }
+        let ids = evicted
+            .iter()
+            .map(|t| t.id.parse::<Uuid>().unwrap_or_default())
+            .collect();
+        let stored = match self.read_many(ids).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "watch: reading finished tasks from the store failed; dropping the watcher");
+                self.lock().watch_drop(wid, CloseReason::Overflow);
+                return;
+            }
+        };
+        let mut resp = pb::WatchResponse::default();
+        for (mut t, s) in evicted.drain(..).zip(stored) {
+            match s {
+                Some(s) => {
+                    restore(&mut t, s, false);
+                    resp.completed.push(t);
+                }
+                // Swept meanwhile.
+                None => resp.unknown_ids.push(t.id),
+            }
+        }
+        self.lock().watch_send(wid, resp);
     }
 
     /// Closes a watch stream.
@@ -497,4 +629,14 @@ impl Broker {
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
     }
+}
+
+/// Puts the stored outcome (complete) and, with `payload`, the stored payload into `task`.
+fn restore(task: &mut pb::Task, stored: StoredTask, payload: bool) {
+    if payload {
+        if let Some(spec) = task.spec.as_mut() {
+            spec.payload = stored.spec.payload;
+        }
+    }
+    task.outcome = stored.state.outcome;
 }

@@ -5,8 +5,8 @@ use std::ops::Bound;
 use taskd_proto::pb;
 use uuid::Uuid;
 
-use super::state::{Effects, Now, Rec, State, TaskEntry, TimerKind};
-use crate::store::WriteOp;
+use super::state::{CloneWithoutPayload, Effects, Now, Rec, State, TaskEntry, TimerKind};
+use crate::store::{StoredTask, WriteOp};
 
 /// Why a client operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,6 +17,10 @@ pub enum OpError {
     /// The task is not in a state that allows the operation.
     #[error("{0}")]
     Precondition(String),
+    /// The operation needs the task's stored record (its bytes were evicted from memory):
+    /// read it ([`crate::store::Store::get`]) and call again with it.
+    #[error("task {0} needs its stored record")]
+    NeedsRecord(Uuid),
 }
 
 /// A ListTasks page stops once its tasks carry about this many bytes (at least one task).
@@ -31,6 +35,9 @@ pub struct Page {
     pub next_cursor: String,
     /// Highest commit sequence among them (the reader waits for it).
     pub commit_seq: u64,
+    /// Indexes in `tasks` of evicted tasks, whose payload and outcome bytes must be read from
+    /// the store.
+    pub evicted: Vec<usize>,
 }
 
 impl State {
@@ -73,19 +80,7 @@ impl State {
             eff.commit.push(WriteOp::Submit { id: nt.id, bytes });
             let mut spec = nt.spec;
             spec.id = String::new();
-            let entry = TaskEntry {
-                id: nt.id,
-                spec,
-                rec,
-                ready_seq: 0,
-                holder: None,
-                lease_deadline: None,
-                lease_timer: None,
-                commit_seq: 0,
-                recovered: false,
-                active: false,
-                outcome_attempt: 0,
-            };
+            let entry = TaskEntry::new(nt.id, spec, rec);
             self.tasks.insert(nt.id, Box::new(entry));
             self.set_state(&nt.id, initial);
             eff.created.push(nt.id);
@@ -206,11 +201,15 @@ impl State {
     }
 
     /// Creates a new task from a FAILED or CANCELLED one (or returns the one already created).
+    /// An evicted task needs its record from the store, `stored` (else
+    /// [`OpError::NeedsRecord`]): the new task copies its payload, and the old task's
+    /// rewritten state record keeps its complete outcome.
     pub fn retry(
         &mut self,
         now: Now,
         id: Uuid,
         new_id: Uuid,
+        stored: Option<&StoredTask>,
         eff: &mut Effects,
     ) -> Result<(pb::Task, u64), OpError> {
         let t = self
@@ -228,7 +227,18 @@ impl State {
                 return Ok((e.to_pb(false), e.commit_seq));
             }
         }
-        let mut spec = t.spec.clone();
+        let full_outcome = match (t.evicted, stored) {
+            (false, _) => None,
+            (true, None) => return Err(OpError::NeedsRecord(id)),
+            (true, Some(s)) => Some(s.state.outcome.clone()),
+        };
+        let mut spec = if t.evicted {
+            let mut spec = t.spec.clone_without_payload();
+            spec.payload = stored.map(|s| s.spec.payload.clone()).unwrap_or_default();
+            spec
+        } else {
+            t.spec.clone()
+        };
         spec.id = new_id.to_string();
         spec.idempotency_key.clear();
         spec.not_before_unix_ms = 0;
@@ -240,7 +250,10 @@ impl State {
         }
         if let Some(old) = self.tasks.get_mut(&id) {
             old.rec.retried_by = Some(new_id);
-            eff.commit.push(old.state_op(id));
+            eff.commit.push(match &full_outcome {
+                Some(o) => old.state_op_with(id, o.as_ref()),
+                None => old.state_op(id),
+            });
         }
         let n = self
             .tasks
@@ -283,7 +296,10 @@ impl State {
             }
             page.commit_seq = page.commit_seq.max(t.commit_seq);
             let task = t.to_pb_with(false, true);
-            bytes += prost::Message::encoded_len(&task);
+            bytes += prost::Message::encoded_len(&task) + t.evicted_bytes;
+            if t.evicted {
+                page.evicted.push(page.tasks.len());
+            }
             page.tasks.push(task);
             if bytes >= PAGE_BYTES {
                 more = self

@@ -181,6 +181,11 @@ pub struct TaskEntry {
     /// The attempt whose outcome the worker reported and the broker recorded (0: none), so a
     /// repeat of it is acknowledged again.
     pub outcome_attempt: u32,
+    /// Terminal, with its outcome durable, and its payload, output and failure details dropped
+    /// from memory ([`TaskEntry::evict`]): readers that need them read the store.
+    pub evicted: bool,
+    /// How many bytes [`TaskEntry::evict`] dropped (a ListTasks page counts them).
+    pub evicted_bytes: usize,
 }
 
 /// Prefix of the error of an attempt that ended because its worker was lost (not an outcome).
@@ -208,6 +213,59 @@ pub fn attempt_error(message: &str) -> String {
 }
 
 impl TaskEntry {
+    /// A task entry with no index state yet.
+    pub fn new(id: Uuid, spec: pb::TaskSpec, rec: Rec) -> TaskEntry {
+        TaskEntry {
+            id,
+            spec,
+            rec,
+            ready_seq: 0,
+            holder: None,
+            lease_deadline: None,
+            lease_timer: None,
+            commit_seq: 0,
+            recovered: false,
+            active: false,
+            outcome_attempt: 0,
+            evicted: false,
+            evicted_bytes: 0,
+        }
+    }
+
+    /// Drops the large bytes of a terminal task from memory: the payload, the success output
+    /// and the failure details (the store keeps them). Only call it once the outcome is
+    /// durable; does nothing to a task that is not terminal.
+    pub fn evict(&mut self) {
+        if !self.state().is_terminal() || self.evicted {
+            return;
+        }
+        let mut dropped = std::mem::take(&mut self.spec.payload).len();
+        if let Some(o) = self.rec.outcome.as_deref_mut() {
+            match &mut o.result {
+                Some(pb::outcome::Result::Success(s)) => {
+                    dropped += std::mem::take(&mut s.output).len();
+                }
+                Some(pb::outcome::Result::Failure(e)) => {
+                    dropped += std::mem::take(&mut e.details).len();
+                }
+                _ => {}
+            }
+        }
+        self.evicted = true;
+        self.evicted_bytes = dropped;
+    }
+
+    /// Bytes of payload, output and failure details this entry holds in memory (allocated
+    /// capacity).
+    pub fn heavy_bytes(&self) -> usize {
+        let outcome = match self.rec.outcome.as_deref().and_then(|o| o.result.as_ref()) {
+            Some(pb::outcome::Result::Success(s)) => s.output.capacity(),
+            Some(pb::outcome::Result::Failure(e)) => e.details.capacity(),
+            _ => 0,
+        };
+        self.spec.payload.capacity() + outcome
+    }
+
     /// The task's state.
     pub fn state(&self) -> pb::TaskState {
         pb::TaskState::try_from(self.rec.state).unwrap_or(pb::TaskState::Unspecified)
@@ -232,10 +290,21 @@ impl TaskEntry {
         t
     }
 
-    /// The state record encoded for the store (without the id: the key carries it).
+    /// The state record encoded for the store (without the id: the key carries it). Not for
+    /// an evicted task (its outcome lacks its bytes): see [`TaskEntry::state_op_with`].
     pub fn state_op(&self, id: Uuid) -> WriteOp {
+        debug_assert!(!self.evicted, "state record of an evicted task {id}");
+        self.state_op_with(id, None)
+    }
+
+    /// The state record encoded for the store, with `outcome` (the stored, complete one of an
+    /// evicted task) in place of the one in memory when given.
+    pub fn state_op_with(&self, id: Uuid, outcome: Option<&pb::Outcome>) -> WriteOp {
         let mut t = self.rec.to_pb(&id, true);
         t.id = String::new();
+        if let Some(o) = outcome {
+            t.outcome = Some(o.clone());
+        }
         WriteOp::State {
             id,
             bytes: t.encode_to_vec(),

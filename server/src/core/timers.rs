@@ -164,24 +164,15 @@ impl State {
             let Ok(id) = st.state.id.parse::<Uuid>() else {
                 return;
             };
-            let mut entry = TaskEntry {
-                id,
-                spec: st.spec,
-                rec: Rec::from_pb(st.state),
-                ready_seq: 0,
-                holder: None,
-                lease_deadline: None,
-                lease_timer: None,
-                commit_seq: 0,
-                recovered: false,
-                active: true,
-                outcome_attempt: 0,
-            };
+            let mut entry = TaskEntry::new(id, st.spec, Rec::from_pb(st.state));
+            entry.active = true;
             let state = entry.state();
             if state.is_terminal() && entry.rec.expires_at_unix_ms <= now.wall_ms {
                 eff.behind.push(WriteOp::Delete { id });
                 return;
             }
+            // Its outcome is in the store: keep only the small parts in memory.
+            entry.evict();
             let last_ended_by_outcome = entry.rec.attempts.last().is_some_and(|a| {
                 a.number == entry.rec.attempt
                     && a.ended_at_unix_ms != 0

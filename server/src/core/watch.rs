@@ -130,9 +130,12 @@ impl State {
 
     /// Applies a client's change; terminal tasks whose outcome is durable yield their event
     /// at once, terminal ones not yet durable are watched (the commit path reports them).
-    pub fn watch_change(&mut self, wid: WatchId, change: WatchChange) {
+    /// Events of evicted tasks are returned instead of sent: their outcome's bytes must be
+    /// read from the store first (then sent with [`State::watch_send`]).
+    pub fn watch_change(&mut self, wid: WatchId, change: WatchChange) -> Vec<pb::Task> {
+        let mut evicted = Vec::new();
         if !self.watch.watchers.contains_key(&wid) {
-            return;
+            return evicted;
         }
         let mut resp = pb::WatchResponse {
             unknown_ids: change.bad_ids,
@@ -168,7 +171,11 @@ impl State {
             match self.tasks.get(&id) {
                 None => resp.unknown_ids.push(id.to_string()),
                 Some(t) if t.state().is_terminal() && t.commit_seq <= self.durable_seq => {
-                    resp.completed.push(t.to_pb(true));
+                    if t.evicted {
+                        evicted.push(t.to_pb(true));
+                    } else {
+                        resp.completed.push(t.to_pb(true));
+                    }
                 }
                 Some(_) => {
                     if let Some(w) = self.watch.watchers.get_mut(&wid) {
@@ -182,6 +189,17 @@ impl State {
         if !resp.completed.is_empty() || !resp.unknown_ids.is_empty() {
             self.watch.send(wid, resp);
         }
+        evicted
+    }
+
+    /// Sends `msg` to watcher `wid` (if still open).
+    pub fn watch_send(&mut self, wid: WatchId, msg: pb::WatchResponse) {
+        self.watch.send(wid, msg);
+    }
+
+    /// Drops watcher `wid`, ending its stream with `reason`.
+    pub fn watch_drop(&mut self, wid: WatchId, reason: CloseReason) {
+        self.watch.drop_watcher(wid, Some(reason));
     }
 
     /// Reports tasks whose terminal outcome just became durable to their watchers and

@@ -6,9 +6,10 @@
 //! the map to the backend without making it durable. A task's assignment record and its outcome
 //! record usually arrive within one window, so they cost one backend write instead of two.
 //!
-//! Nothing reads the backend while the broker runs (the core keeps its own state; the store is
-//! read once, at open, after the log was replayed into it), so records that are still only in
-//! the log or in the map are never missed.
+//! The core keeps its own state and reads the store whole only once, at open. While it runs it
+//! reads single tasks (those whose bytes it evicted from memory); such reads consult
+//! [`Unapplied`] first, the records of every acknowledged group until the applier has written
+//! them to the backend, so a record that is only in the log (or in the map) is never missed.
 //!
 //! A checkpoint makes the log short again: the writer seals its segment (starts the next one)
 //! and tells the applier; the applier writes everything it holds (all of the sealed segment's
@@ -48,6 +49,72 @@ pub type Record = (RecordKey, Option<Vec<u8>>);
 /// Records replayed from the log at open, sorted by key, until they are written to the backend
 /// (then `None`). The store reads them over the backend's records.
 pub type Replayed = Arc<Mutex<Option<Arc<Vec<Record>>>>>;
+
+/// Records the log made durable (and acknowledged) that may not be in the backend yet, by key,
+/// each with the generation of the group that last wrote it, so a read
+/// ([`super::Store::get`]) finds every acknowledged record: the writer adds a group here
+/// before it is acknowledged ([`Unapplied::add`]), and the applier removes the entries of the
+/// groups it handed over only once the backend write of them returned ([`Unapplied::written`]).
+/// Holds a copy of the records of the last few milliseconds.
+#[derive(Debug, Default)]
+pub struct Unapplied {
+    last_gen: u64,
+    map: HashMap<RecordKey, (u64, Option<Vec<u8>>)>,
+}
+
+/// [`Unapplied`], shared by the writer, the applier and readers.
+pub type SharedUnapplied = Arc<Mutex<Unapplied>>;
+
+impl Unapplied {
+    /// Adds the ops of a durable group; returns the group's generation (increasing).
+    pub fn add(&mut self, ops: &[WriteOp]) -> u64 {
+        self.last_gen += 1;
+        let g = self.last_gen;
+        for op in ops {
+            match op {
+                WriteOp::Submit { id, bytes } => {
+                    self.map
+                        .insert(record_key(id, KIND_SUBMIT), (g, Some(bytes.clone())));
+                }
+                WriteOp::State { id, bytes } => {
+                    self.map
+                        .insert(record_key(id, KIND_STATE), (g, Some(bytes.clone())));
+                }
+                WriteOp::Delete { id } => {
+                    self.map.insert(record_key(id, KIND_SUBMIT), (g, None));
+                    self.map.insert(record_key(id, KIND_STATE), (g, None));
+                }
+            }
+        }
+        g
+    }
+
+    /// The generation of the last group added (0: none).
+    pub fn last_gen(&self) -> u64 {
+        self.last_gen
+    }
+
+    /// The record of `key` if it is held: `Some(None)` for a delete.
+    pub fn get(&self, key: &RecordKey) -> Option<Option<Vec<u8>>> {
+        self.map.get(key).map(|(_, v)| v.clone())
+    }
+
+    /// The groups up to generation `upto` are in the backend: forgets their records (those
+    /// rewritten by a later group stay).
+    pub fn written(&mut self, upto: u64) {
+        self.map.retain(|_, (g, _)| *g > upto);
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether none are held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
 
 /// Records waiting for the backend, by key; a later op of a key replaces an earlier one.
 #[derive(Debug, Default)]
@@ -108,7 +175,8 @@ enum Msg {
         slot: Replayed,
         upto: u64,
     },
-    Ops(Vec<WriteOp>),
+    /// A group's ops and its [`Unapplied`] generation.
+    Ops(Vec<WriteOp>, u64),
     Seal(u64),
     Stop {
         upto: u64,
@@ -146,8 +214,13 @@ fn fail(failed: &OnceLock<String>, what: &str, e: &StoreError) {
 }
 
 impl Applier {
-    /// Starts the threads that write to `backend` and checkpoint the log in `wal_dir`.
-    pub fn start(backend: Arc<dyn Backend>, wal_dir: PathBuf) -> std::io::Result<Applier> {
+    /// Starts the threads that write to `backend` and checkpoint the log in `wal_dir`; records
+    /// written to the backend leave `unapplied`.
+    pub fn start(
+        backend: Arc<dyn Backend>,
+        wal_dir: PathBuf,
+        unapplied: SharedUnapplied,
+    ) -> std::io::Result<Applier> {
         let failed = Arc::new(OnceLock::new());
         let (tx, rx) = mpsc::sync_channel(QUEUE_GROUPS);
         let (ctx, crx) = mpsc::channel();
@@ -161,7 +234,7 @@ impl Applier {
             let failed = failed.clone();
             std::thread::Builder::new()
                 .name("taskd-apply".into())
-                .spawn(move || apply_loop(&*backend, rx, ctx, &failed))?
+                .spawn(move || apply_loop(&*backend, rx, ctx, &failed, &unapplied))?
         };
         Ok(Applier {
             tx: Some(tx),
@@ -194,12 +267,14 @@ impl Applier {
         self.send(Msg::Replayed { slot, upto })
     }
 
-    /// Hands over the ops of a durable group (waits while the applier is far behind).
-    pub fn apply(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+    /// Hands over the ops of a durable group of [`Unapplied`] generation `generation` (waits
+    /// while the applier is far behind); once they are in the backend, the groups up to
+    /// `generation` leave [`Unapplied`].
+    pub fn apply(&self, ops: Vec<WriteOp>, generation: u64) -> Result<(), StoreError> {
         if ops.is_empty() {
             return Ok(());
         }
-        self.send(Msg::Ops(ops))
+        self.send(Msg::Ops(ops, generation))
     }
 
     /// Says that segments up to `seq` are complete: checkpoint them.
@@ -245,13 +320,18 @@ fn apply_loop(
     rx: mpsc::Receiver<Msg>,
     ckpt: mpsc::Sender<Ckpt>,
     failed: &OnceLock<String>,
+    unapplied: &Mutex<Unapplied>,
 ) {
     let mut pending = Pending::default();
     let mut deadline: Option<Instant> = None;
-    let write = |pending: &mut Pending| {
-        if let Err(e) = pending.write_to(backend) {
-            fail(failed, "applying logged writes to sled", &e);
-        }
+    // The newest generation handed over (all of it is in `pending` or the backend).
+    let mut held = 0u64;
+    let write = |pending: &mut Pending, held: u64| match pending.write_to(backend) {
+        Ok(()) => unapplied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .written(held),
+        Err(e) => fail(failed, "applying logged writes to sled", &e),
     };
     loop {
         let msg = match deadline {
@@ -260,7 +340,7 @@ fn apply_loop(
         };
         match msg {
             Ok(Msg::Replayed { slot, upto }) => {
-                write(&mut pending);
+                write(&mut pending, held);
                 let records = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Some(records) = records {
                     let started = Instant::now();
@@ -274,32 +354,33 @@ fn apply_loop(
                     }
                 }
             }
-            Ok(Msg::Ops(ops)) => {
+            Ok(Msg::Ops(ops, generation)) => {
                 for op in ops {
                     pending.add(op);
                 }
+                held = held.max(generation);
                 deadline.get_or_insert_with(|| Instant::now() + APPLY_WINDOW);
                 if pending.len() >= MAX_PENDING {
-                    write(&mut pending);
+                    write(&mut pending, held);
                     deadline = None;
                 }
             }
             Ok(Msg::Seal(seq)) => {
-                write(&mut pending);
+                write(&mut pending, held);
                 deadline = None;
                 let _ = ckpt.send(Ckpt::Upto(seq));
             }
             Ok(Msg::Stop { upto, reply }) => {
-                write(&mut pending);
+                write(&mut pending, held);
                 let _ = ckpt.send(Ckpt::Stop { upto, reply });
                 return;
             }
             Err(RecvTimeoutError::Timeout) => {
-                write(&mut pending);
+                write(&mut pending, held);
                 deadline = None;
             }
             Err(RecvTimeoutError::Disconnected) => {
-                write(&mut pending);
+                write(&mut pending, held);
                 return;
             }
         }
@@ -451,10 +532,12 @@ mod tests {
             ..Default::default()
         });
         let mut w = WalWriter::create(dir.path(), 1, false).unwrap();
-        let a = Applier::start(rec.clone(), dir.path().to_path_buf()).unwrap();
+        let unapplied = SharedUnapplied::default();
+        let a = Applier::start(rec.clone(), dir.path().to_path_buf(), unapplied.clone()).unwrap();
         let id = Uuid::from_u128(5);
         w.append(&[state(id, 1)]).unwrap();
-        a.apply(vec![state(id, 1), state(id, 2)]).unwrap();
+        let g1 = unapplied.lock().unwrap().add(&[state(id, 1), state(id, 2)]);
+        a.apply(vec![state(id, 1), state(id, 2)], g1).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while rec.written.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "nothing written within 5 s");
@@ -464,10 +547,20 @@ mod tests {
             *rec.written.lock().unwrap(),
             vec![(record_key(&id, KIND_STATE), Some(vec![2]))]
         );
+        // Written: it left the unapplied records (after the backend write returned).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !unapplied.lock().unwrap().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "unapplied not emptied within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let sealed = w.rotate().unwrap();
         a.seal(sealed).unwrap();
         w.append(&[state(id, 3)]).unwrap();
-        a.apply(vec![state(id, 3)]).unwrap();
+        let g2 = unapplied.lock().unwrap().add(&[state(id, 3)]);
+        a.apply(vec![state(id, 3)], g2).unwrap();
         a.stop(w.segment()).unwrap();
         assert!(segments(dir.path()).unwrap().is_empty());
         let written = rec.written.lock().unwrap();

@@ -66,6 +66,7 @@ pub struct Committer {
     next_seq: AtomicU64,
     durable: watch::Receiver<Durable>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    store: Arc<dyn Store>,
 }
 
 impl std::fmt::Debug for Committer {
@@ -84,6 +85,11 @@ fn op_bytes(op: &WriteOp) -> usize {
 }
 
 impl Committer {
+    /// The store it writes to (for [`Store::get`] reads).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// Starts the writer thread over `store`.
     pub fn start(store: Arc<dyn Store>) -> Committer {
         let (tx, rx) = mpsc::channel();
@@ -91,15 +97,17 @@ impl Committer {
             seq: 0,
             failed: false,
         });
+        let writer_store = store.clone();
         let thread = std::thread::Builder::new()
             .name("taskd-writer".into())
-            .spawn(move || writer_loop(store, rx, dtx))
+            .spawn(move || writer_loop(writer_store, rx, dtx))
             .ok();
         Committer {
             tx: Mutex::new(thread.as_ref().map(|_| tx)),
             next_seq: AtomicU64::new(1),
             durable: drx,
             thread: Mutex::new(thread),
+            store,
         }
     }
 
@@ -561,13 +569,15 @@ mod tests {
         broker.submit(vec![NewTask::new(id, spec)]).await.unwrap();
         let events = Arc::new(Events::default());
         let wid = broker.watch_open(events.clone()).unwrap();
-        broker.watch_change(
-            wid,
-            crate::core::watch::WatchChange {
-                add_ids: vec![id],
-                ..Default::default()
-            },
-        );
+        broker
+            .watch_change(
+                wid,
+                crate::core::watch::WatchChange {
+                    add_ids: vec![id],
+                    ..Default::default()
+                },
+            )
+            .await;
         let msgs = Arc::new(Msgs::default());
         let hello = pb::Hello {
             worker_id: "w".into(),

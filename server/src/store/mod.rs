@@ -127,7 +127,8 @@ pub enum StoreError {
 /// A durable home for task records.
 ///
 /// Implementations are called from one writer thread ([`committer::Committer`]) for writes, and
-/// once at start for [`Store::load`]. Nothing reads the store while the broker runs.
+/// once at start for [`Store::load`]. While the broker runs, [`Store::get`] reads single tasks
+/// whose large bytes the core dropped from memory (terminal tasks), from any thread.
 pub trait Store: Send + Sync + 'static {
     /// Reads every task back (recovery at start), handing each to `each` as it is read (so
     /// recovery never holds all decoded records at once); returns how many there were.
@@ -141,6 +142,14 @@ pub trait Store: Send + Sync + 'static {
     fn settle(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
         drop(ops);
         Ok(())
+    }
+    /// The latest acknowledged records of task `id` (`None`: no such task, or deleted): every
+    /// group [`Store::apply`] returned `Ok` for is visible, also before [`Store::settle`].
+    /// The default refuses (a store that cannot read single records).
+    fn get(&self, id: &Uuid) -> Result<Option<StoredTask>, StoreError> {
+        Err(StoreError::Unavailable(format!(
+            "this store cannot read task {id} back"
+        )))
     }
     /// Makes everything durable in its final place; called once at shutdown, after the last
     /// group.

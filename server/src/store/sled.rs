@@ -43,9 +43,11 @@ use prost::Message;
 use taskd_proto::pb;
 use uuid::Uuid;
 
-use super::checkpoint::{Applier, Backend, Pending, Record, Replayed};
+use super::checkpoint::{Applier, Backend, Pending, Record, Replayed, SharedUnapplied};
 use super::wal::{self, WalWriter};
-use super::{KIND_STATE, KIND_SUBMIT, Store, StoreError, StoredTask, WriteOp};
+use super::{
+    KIND_STATE, KIND_SUBMIT, RecordKey, Store, StoreError, StoredTask, WriteOp, record_key,
+};
 use crate::config::SyncMode;
 
 /// The store format this build reads and writes.
@@ -134,6 +136,9 @@ pub struct SledStore {
     /// Records replayed from the log at open that the applier has not yet written to sled;
     /// [`Store::load`] reads them over sled's.
     recovered: Replayed,
+    /// Records acknowledged but maybe not yet in sled (the applier's window); [`Store::get`]
+    /// reads them first.
+    unapplied: SharedUnapplied,
     /// Only the writer thread locks it (and `close`, after the writer's last group), so it is
     /// never contended; a mutex because [`Store`] takes `&self`.
     log: Mutex<LogSide>,
@@ -271,13 +276,16 @@ impl SledStore {
             *recovered.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(records));
         }
         let writer = WalWriter::create(&wal_dir, next_segment, fsync).map_err(io_err)?;
-        let applier = Applier::start(backend.clone(), wal_dir.clone()).map_err(io_err)?;
+        let unapplied = SharedUnapplied::default();
+        let applier =
+            Applier::start(backend.clone(), wal_dir.clone(), unapplied.clone()).map_err(io_err)?;
         Ok(SledStore {
             backend,
             sync,
             wal_dir,
             sync_hook: None,
             recovered,
+            unapplied,
             log: Mutex::new(LogSide {
                 writer: Some(writer),
                 applier: Some(applier),
@@ -305,6 +313,37 @@ impl SledStore {
 
     fn log(&self) -> std::sync::MutexGuard<'_, LogSide> {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The latest acknowledged value of record `key`: from the records not yet applied, else
+    /// those replayed at open and not yet written, else sled. In that order, which is newest
+    /// first: the applier writes the replayed records (and empties their slot) before any
+    /// later group, and a group leaves `unapplied` only after sled has it.
+    fn read_record(&self, key: &RecordKey) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self
+            .unapplied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return Ok(v);
+        }
+        let recovered = self
+            .recovered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(records) = recovered {
+            if let Ok(i) = records.binary_search_by(|r| r.0.cmp(key)) {
+                return Ok(records[i].1.clone());
+            }
+        }
+        let v = self
+            .backend
+            .tasks
+            .get(key)
+            .map_err(|e| StoreError::Write(format!("reading sled: {e}")))?;
+        Ok(v.map(|v| v.to_vec()))
     }
 }
 
@@ -415,7 +454,37 @@ impl Store for SledStore {
             .map_err(|e| StoreError::Write(format!("write-ahead log write: {e}")))?;
         self.sync(writer)
             .map_err(|e| StoreError::Write(format!("fdatasync: {e}")))?;
+        // Durable: readable from now on, before the group is acknowledged.
+        self.unapplied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(ops);
         Ok(())
+    }
+
+    fn get(&self, id: &Uuid) -> Result<Option<StoredTask>, StoreError> {
+        let corrupt = |kind: u8, reason: String| StoreError::Corrupt {
+            key: record_key(id, kind)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            reason,
+        };
+        let Some(submit) = self.read_record(&record_key(id, KIND_SUBMIT))? else {
+            return Ok(None);
+        };
+        let mut first =
+            pb::Task::decode(submit.as_slice()).map_err(|e| corrupt(KIND_SUBMIT, e.to_string()))?;
+        let mut spec = first.spec.take().unwrap_or_default();
+        spec.id = String::new();
+        let mut state = match self.read_record(&record_key(id, KIND_STATE))? {
+            Some(v) => {
+                pb::Task::decode(v.as_slice()).map_err(|e| corrupt(KIND_STATE, e.to_string()))?
+            }
+            None => first,
+        };
+        state.id = id.to_string();
+        Ok(Some(StoredTask { spec, state }))
     }
 
     fn settle(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
@@ -429,7 +498,12 @@ impl Store for SledStore {
         else {
             return Err(StoreError::Unavailable("store closed".into()));
         };
-        applier.apply(ops)?;
+        let generation = self
+            .unapplied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_gen();
+        applier.apply(ops, generation)?;
         if writer.len() >= SEGMENT_BYTES
             || (!writer.is_empty() && writer.created().elapsed() >= CHECKPOINT_EVERY)
         {
@@ -658,6 +732,108 @@ mod tests {
         let store = open(dir.path(), SyncMode::Flush, 1 << 20).unwrap();
         assert!(store.recovered.lock().unwrap().is_none());
         assert_eq!(tasks(&store), want);
+    }
+
+    /// A terminal task with a large payload and output: its submit and state records.
+    fn big_task(n: u128, size: usize) -> (Vec<u8>, Vec<u8>, Vec<WriteOp>) {
+        let id = Uuid::from_u128(n);
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let output: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
+        let submit = pb::Task {
+            spec: Some(pb::TaskSpec {
+                name: "big".into(),
+                payload: payload.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let state = pb::Task {
+            state: pb::TaskState::Succeeded as i32,
+            attempt: 1,
+            outcome: Some(pb::Outcome {
+                result: Some(pb::outcome::Result::Success(pb::Success {
+                    output: output.clone(),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        };
+        let ops = vec![
+            WriteOp::Submit {
+                id,
+                bytes: submit.encode_to_vec(),
+            },
+            WriteOp::State {
+                id,
+                bytes: state.encode_to_vec(),
+            },
+        ];
+        (payload, output, ops)
+    }
+
+    fn got_bytes(store: &SledStore, n: u128) -> Option<(Vec<u8>, Vec<u8>)> {
+        let t = store.get(&Uuid::from_u128(n)).unwrap()?;
+        assert_eq!(t.state.id, Uuid::from_u128(n).to_string());
+        let output = match t.state.outcome.and_then(|o| o.result) {
+            Some(pb::outcome::Result::Success(s)) => s.output,
+            other => panic!("no success outcome: {other:?}"),
+        };
+        Some((t.spec.payload, output))
+    }
+
+    fn in_sled(store: &SledStore, n: u128) -> bool {
+        let key = super::super::record_key(&Uuid::from_u128(n), KIND_STATE);
+        store.backend.tasks.get(key).unwrap().is_some()
+    }
+
+    /// `get` sees every acknowledged record: still only in the log (not handed to the applier
+    /// at all), in sled after the applier wrote it, replayed after a crash before it reached
+    /// sled, and deleted.
+    #[test]
+    fn get_reads_acknowledged_records_before_and_after_they_reach_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p1, o1, ops1) = big_task(1, 1 << 20);
+        let (p2, o2, ops2) = big_task(2, 1 << 20);
+        {
+            let store = open(dir.path(), SyncMode::Flush, 1 << 20).unwrap();
+            assert!(store.get(&Uuid::from_u128(1)).unwrap().is_none());
+            store.apply(&ops1).unwrap();
+            // Acknowledged, not settled: only the log and the unapplied records have it.
+            assert!(!in_sled(&store, 1));
+            assert_eq!(got_bytes(&store, 1), Some((p1.clone(), o1.clone())));
+            store.settle(ops1).unwrap();
+            assert_eq!(got_bytes(&store, 1), Some((p1.clone(), o1.clone())));
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !(in_sled(&store, 1) && store.unapplied.lock().unwrap().is_empty()) {
+                assert!(std::time::Instant::now() < deadline, "not applied in 10 s");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            // From sled now.
+            assert_eq!(got_bytes(&store, 1), Some((p1.clone(), o1.clone())));
+            // Task 2 is acknowledged and then the process dies before any settle.
+            store.apply(&ops2).unwrap();
+            assert_eq!(got_bytes(&store, 2), Some((p2.clone(), o2.clone())));
+        }
+        {
+            let store = open(dir.path(), SyncMode::Flush, 1 << 20).unwrap();
+            // Replayed from the log, not yet in sled.
+            assert!(!in_sled(&store, 2));
+            assert_eq!(got_bytes(&store, 2), Some((p2.clone(), o2.clone())));
+            assert_eq!(got_bytes(&store, 1), Some((p1.clone(), o1.clone())));
+            assert_eq!(tasks(&store).len(), 2);
+            let del = vec![WriteOp::Delete {
+                id: Uuid::from_u128(1),
+            }];
+            store.apply(&del).unwrap();
+            assert!(store.get(&Uuid::from_u128(1)).unwrap().is_none());
+            store.settle(del).unwrap();
+            assert!(store.get(&Uuid::from_u128(1)).unwrap().is_none());
+            store.close().unwrap();
+        }
+        let store = open(dir.path(), SyncMode::Flush, 1 << 20).unwrap();
+        assert!(in_sled(&store, 2));
+        assert_eq!(got_bytes(&store, 2), Some((p2, o2)));
+        assert!(store.get(&Uuid::from_u128(1)).unwrap().is_none());
     }
 
     #[test]
